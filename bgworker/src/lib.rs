@@ -1,0 +1,15 @@
+//! The forwarding engine of pg_outbox: everything the background worker does that does not need
+//! Postgres. The worker (in the extension crate) reads rows in short transactions and hands them
+//! here as [`OutboundMessage`]s; this crate decides what to send now and what to hold back
+//! ([`plan`]), sends to Kafka ([`sink`]), and turns delivery reports into an [`policy::BatchOutcome`]
+//! that the worker records in another short transaction.
+
+pub mod message;
+pub mod plan;
+pub mod policy;
+pub mod sink;
+
+pub use message::{parse_headers, OutboundMessage};
+pub use plan::{plan_batch, Plan};
+pub use policy::{Backoff, BatchOutcome, SendFailure};
+pub use sink::{parse_properties, BatchError, KafkaSink, SinkConfig};

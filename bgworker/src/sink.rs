@@ -1,0 +1,279 @@
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::message::MESSAGE_ID_HEADER;
+use crate::{OutboundMessage, SendFailure};
+
+/// Everything the sink needs to know to talk to one Kafka cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    pub bootstrap_servers: String,
+    /// librdkafka properties given by the user; they override our defaults.
+    pub properties: Vec<(String, String)>,
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    /// -1 leaves it to the broker's `default.replication.factor`.
+    pub topic_replication_factor: i32,
+}
+
+/// Producer defaults: durable (acks=all, idempotent, so retries inside one producer session
+/// neither duplicate nor reorder) and keyed like the Java client (murmur2), so a key lands on the
+/// same partition as it would from any JVM producer.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    ("partitioner", "murmur2_random"),
+    ("linger.ms", "1"),
+    ("message.timeout.ms", "30000"),
+    ("socket.keepalive.enable", "true"),
+    ("client.id", "pg_outbox"),
+];
+
+/// Parses `key=value` pairs separated by `;` or newlines (the `pg_outbox.kafka_properties` format).
+pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split([';', '\n'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!("\"{}\" is not of the form key=value", p.split('=').next().unwrap_or(""))),
+        })
+        .collect()
+}
+
+impl SinkConfig {
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        for (k, v) in PRODUCER_DEFAULTS {
+            config.set(*k, *v);
+        }
+        if self.create_topics {
+            // Topics are created through the admin API with our partition count, not by the
+            // broker's auto-creation with its defaults.
+            config.set("allow.auto.create.topics", "false");
+        }
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+/// A Kafka producer plus what it takes to drive it from the worker's single thread: a
+/// current-thread tokio runtime that awaits delivery reports (librdkafka's own threads complete
+/// them; they never touch Postgres), and the admin client that creates missing topics.
+pub struct KafkaSink {
+    config: SinkConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    runtime: tokio::runtime::Runtime,
+    known_topics: HashSet<String>,
+}
+
+/// Why a batch was not sent at all.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BatchError {
+    /// The worker was asked to stop while waiting for the broker.
+    Interrupted,
+    /// A topic could not be looked up or created (broker unreachable).
+    Unavailable(String),
+}
+
+impl KafkaSink {
+    pub fn new(config: SinkConfig) -> Result<KafkaSink, String> {
+        let client_config = config.client_config();
+        let producer: FutureProducer =
+            client_config.create().map_err(|e| format!("cannot create Kafka producer: {e}"))?;
+        let admin: AdminClient<DefaultClientContext> =
+            client_config.create().map_err(|e| format!("cannot create Kafka admin client: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the delivery runtime: {e}"))?;
+        Ok(KafkaSink { config, producer, admin, runtime, known_topics: HashSet::new() })
+    }
+
+    pub fn config(&self) -> &SinkConfig {
+        &self.config
+    }
+
+    /// The producer's fatal error, if it has one (then it must be recreated).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer.client().fatal_error().map(|(code, text)| format!("{code:?}: {text}"))
+    }
+
+    /// Makes sure every topic exists, creating missing ones if allowed. A topic that does not exist
+    /// and may not be created is left alone: its messages are refused by the broker and follow
+    /// the retry/dead-letter path.
+    pub fn ensure_topics<'a>(&mut self, topics: impl IntoIterator<Item = &'a str>) -> Result<(), BatchError> {
+        let wanted: Vec<String> = topics
+            .into_iter()
+            .filter(|t| !self.known_topics.contains(*t))
+            .map(str::to_string)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for topic in wanted {
+            let metadata = self
+                .producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map_err(|e| BatchError::Unavailable(format!("cannot fetch metadata: {e}")))?;
+            let exists = metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+            if !exists && self.config.create_topics {
+                self.create_topic(&topic)?;
+            }
+            self.known_topics.insert(topic);
+        }
+        Ok(())
+    }
+
+    fn create_topic(&self, topic: &str) -> Result<(), BatchError> {
+        let replication = TopicReplication::Fixed(self.config.topic_replication_factor);
+        let new_topic = NewTopic::new(topic, self.config.topic_partitions, replication);
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = self
+            .runtime
+            .block_on(self.admin.create_topics([&new_topic], &options))
+            .map_err(|e| BatchError::Unavailable(format!("cannot create topic \"{topic}\": {e}")))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                // Anything else (e.g. not authorized) surfaces as refused produce requests.
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Produces every message, in order, and waits for all delivery reports. Returns one report
+    /// per message. `should_stop` is polled while waiting so that SIGTERM is honoured promptly.
+    pub fn send_batch(
+        &mut self,
+        messages: &[OutboundMessage],
+        message_id: &dyn Fn(i64) -> String,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
+        self.ensure_topics(messages.iter().map(|m| m.topic.as_str()))?;
+        let mut pending: Vec<Result<DeliveryFuture, SendFailure>> = Vec::with_capacity(messages.len());
+        for m in messages {
+            pending.push(self.enqueue(m, &message_id(m.id), should_stop)?);
+        }
+        let mut reports = Vec::with_capacity(pending.len());
+        for p in pending {
+            let report = match p {
+                Err(failure) => Err(failure),
+                Ok(mut future) => loop {
+                    let waited = self
+                        .runtime
+                        .block_on(async { tokio::time::timeout(Duration::from_millis(100), &mut future).await });
+                    match waited {
+                        Ok(Ok(Ok(_delivery))) => break Ok(()),
+                        Ok(Ok(Err((err, _msg)))) => break Err(SendFailure::from_kafka(&err)),
+                        Ok(Err(_canceled)) => {
+                            break Err(SendFailure::Unavailable("the producer dropped the message".into()))
+                        }
+                        Err(_elapsed) if should_stop() => return Err(BatchError::Interrupted),
+                        Err(_elapsed) => continue,
+                    }
+                },
+            };
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    /// Hands one message to librdkafka, waiting while its local queue is full.
+    fn enqueue(
+        &self,
+        m: &OutboundMessage,
+        message_id: &str,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<Result<DeliveryFuture, SendFailure>, BatchError> {
+        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len() + 1);
+        for (k, v) in &m.headers {
+            headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        headers = headers.insert(Header { key: MESSAGE_ID_HEADER, value: Some(message_id.as_bytes()) });
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&m.topic).headers(headers);
+        if let Some(key) = &m.key {
+            record = record.key(key.as_str());
+        }
+        if let Some(payload) = &m.payload {
+            record = record.payload(payload.as_slice());
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(future) => return Ok(Ok(future)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    if should_stop() {
+                        return Err(BatchError::Interrupted);
+                    }
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((err, _)) => return Ok(Err(SendFailure::from_kafka(&err))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_key_value_pairs() {
+        assert_eq!(
+            parse_properties("linger.ms=5; compression.type = lz4\nsasl.password=a=b").unwrap(),
+            vec![
+                ("linger.ms".to_string(), "5".to_string()),
+                ("compression.type".to_string(), "lz4".to_string()),
+                ("sasl.password".to_string(), "a=b".to_string()),
+            ]
+        );
+        assert!(parse_properties("").unwrap().is_empty());
+        assert!(parse_properties("linger.ms").is_err());
+    }
+
+    #[test]
+    fn user_properties_override_the_durable_defaults() {
+        let config = SinkConfig {
+            bootstrap_servers: "b:9092".into(),
+            properties: vec![("linger.ms".into(), "20".into())],
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication_factor: -1,
+        }
+        .client_config();
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+        assert_eq!(config.get("linger.ms"), Some("20"));
+        assert_eq!(config.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn a_bad_property_fails_at_creation_with_librdkafkas_reason() {
+        let err = KafkaSink::new(SinkConfig {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            properties: vec![("no.such.property".into(), "1".into())],
+            create_topics: false,
+            topic_partitions: 1,
+            topic_replication_factor: -1,
+        })
+        .err()
+        .expect("librdkafka rejects unknown properties");
+        assert!(err.contains("no.such.property"), "{err}");
+    }
+}

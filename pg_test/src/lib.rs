@@ -1,0 +1,348 @@
+//! Test harness: throwaway PostgreSQL clusters with pg_outbox preloaded (initdb'd as the
+//! `postgres` OS user by scripts/pg.sh), real brokers on loopback, and a Kafka consumer that
+//! reads topics back. No mocks: every test talks to the real server and the real broker.
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub use postgres;
+
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("pg_test lives in the project").to_path_buf()
+}
+
+fn script(name: &str) -> PathBuf {
+    project_root().join("scripts").join(name)
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn free_port() -> u16 {
+    // Two consecutive free ports (Kafka's controller listens on port + 1).
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = a.local_addr().expect("addr").port();
+        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process: for topics, directories.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let base = std::env::var("PG_OUTBOX_TEST_DIR").unwrap_or_else(|_| "/tmp/pg_outbox_test".into());
+    let dir = Path::new(&base).join(unique(name));
+    std::fs::create_dir_all(dir.parent().expect("parent")).expect("create test dir");
+    dir
+}
+
+/// Which broker a test talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    Kafka,
+    Tansu,
+}
+
+impl BrokerKind {
+    /// The shared broker `make test` started (PG_OUTBOX_TEST_KAFKA / PG_OUTBOX_TEST_TANSU).
+    pub fn shared_bootstrap(self) -> String {
+        let var = match self {
+            BrokerKind::Kafka => "PG_OUTBOX_TEST_KAFKA",
+            BrokerKind::Tansu => "PG_OUTBOX_TEST_TANSU",
+        };
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with `make test`"))
+    }
+}
+
+/// A broker this test owns, so it can stop and start it.
+pub struct PrivateBroker {
+    pub kind: BrokerKind,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivateBroker {
+    pub fn start(kind: BrokerKind) -> PrivateBroker {
+        let b = PrivateBroker { kind, dir: scratch_dir("broker"), port: free_port() };
+        b.resume();
+        b
+    }
+
+    /// A broker address nobody listens on yet (start it later with `resume`).
+    pub fn reserve(kind: BrokerKind) -> PrivateBroker {
+        PrivateBroker { kind, dir: scratch_dir("broker"), port: free_port() }
+    }
+
+    fn script(&self) -> PathBuf {
+        script(match self.kind {
+            BrokerKind::Kafka => "kafka.sh",
+            BrokerKind::Tansu => "tansu.sh",
+        })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&self) {
+        run(Command::new(self.script()).arg("stop").arg(&self.dir));
+    }
+
+    pub fn resume(&self) {
+        run(Command::new(self.script()).arg("start").arg(&self.dir).arg(self.port.to_string()));
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = Command::new(self.script()).arg("stop").arg(&self.dir).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL 15 cluster with pg_outbox preloaded and the extension created in `database`.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub database: String,
+}
+
+impl Cluster {
+    /// Starts a cluster whose worker forwards to `bootstrap`; `extra_conf` goes to postgresql.conf.
+    pub fn start(bootstrap: &str, extra_conf: &str) -> Cluster {
+        let cluster = Cluster::start_without_extension(bootstrap, extra_conf);
+        cluster.client().batch_execute("CREATE EXTENSION pg_outbox").expect("CREATE EXTENSION");
+        cluster
+    }
+
+    pub fn start_without_extension(bootstrap: &str, extra_conf: &str) -> Cluster {
+        let cluster = Cluster { dir: scratch_dir("pg"), port: free_port(), database: "shop".into() };
+        let conf = format!("pg_outbox.poll_interval = '200ms'\nfsync = off\n{extra_conf}");
+        run(Command::new(script("pg.sh"))
+            .env("PG_OUTBOX_EXTRA_CONF", conf)
+            .arg("start")
+            .arg(&cluster.dir)
+            .arg(cluster.port.to_string())
+            .arg(bootstrap)
+            .arg(&cluster.database));
+        cluster
+    }
+
+    pub fn dsn(&self, database: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port)
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        self.client_for(&self.database)
+    }
+
+    pub fn client_for(&self, database: &str) -> postgres::Client {
+        postgres::Client::connect(&self.dsn(database), postgres::NoTls).expect("connect to the test cluster")
+    }
+
+    pub fn stop(&self, mode: &str) {
+        run(Command::new(script("pg.sh")).arg("stop").arg(&self.dir).arg(mode));
+    }
+
+    /// Starts the cluster again after `stop` (same data directory and settings).
+    pub fn restart_stopped(&self) {
+        run(Command::new(script("pg.sh"))
+            .arg("start")
+            .arg(&self.dir)
+            .arg(self.port.to_string())
+            .arg("unused")
+            .arg(&self.database));
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Appends settings to postgresql.conf and reloads (SIGHUP).
+    pub fn reconfigure(&self, conf: &str) {
+        let path = self.dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&path).expect("read postgresql.conf");
+        text.push('\n');
+        text.push_str(conf);
+        text.push('\n');
+        std::fs::write(&path, text).expect("write postgresql.conf");
+        self.client().batch_execute("SELECT pg_reload_conf()").expect("reload");
+    }
+
+    /// The pid of the running pg_outbox worker of `database`, waiting for it to appear.
+    pub fn worker_pid(&self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let mut client = self.client_for("postgres");
+        loop {
+            let row = client
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox worker' AND datname = $1",
+                    &[&self.database],
+                )
+                .expect("pg_stat_activity");
+            if let Some(row) = row {
+                return Some(row.get(0));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until no committed message is pending (or the timeout passes).
+    pub fn wait_until_drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut client = self.client();
+        loop {
+            let pending: i64 =
+                client.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).expect("pending").get(0);
+            if pending == 0 {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(script("pg.sh")).arg("stop").arg(&self.dir).arg("immediate").output();
+        if std::env::var_os("PG_OUTBOX_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+    /// Broker (or producer) timestamp in ms.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Record {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.payload.as_deref().unwrap_or(b"null")).expect("payload is JSON")
+    }
+
+    pub fn message_id(&self) -> &str {
+        self.headers.get("pg_outbox_message_id").map(String::as_str).unwrap_or("")
+    }
+}
+
+pub fn consumer(bootstrap: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("pg-outbox-test"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .expect("create consumer")
+}
+
+/// Reads `topic` from the beginning until `expected` records arrived, no more come for
+/// `settle`, or `timeout` passes. Partitions are assigned directly (no group rebalance wait).
+pub fn read_topic(bootstrap: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+    read_topic_settled(bootstrap, topic, expected, timeout, Duration::from_millis(500))
+}
+
+pub fn read_topic_settled(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Record> {
+    let consumer = consumer(bootstrap);
+    let deadline = Instant::now() + timeout;
+    // The topic may not exist yet: wait for its metadata.
+    let partitions = loop {
+        let found = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(2))
+            .ok()
+            .and_then(|m| m.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len()))
+            .filter(|&n| n > 0);
+        if let Some(n) = found {
+            break n;
+        }
+        if Instant::now() > deadline {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut records = Vec::new();
+    let mut last_arrival = Instant::now();
+    while Instant::now() < deadline {
+        if records.len() >= expected && last_arrival.elapsed() >= settle {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                last_arrival = Instant::now();
+                let mut headers = HashMap::new();
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        headers.insert(
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                records.push(Record {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                    timestamp_ms: m.timestamp().to_millis(),
+                });
+            }
+            Some(Err(_)) | None => {}
+        }
+    }
+    records
+}
+
+/// SQLSTATE of a failed statement.
+pub fn sqlstate(err: &postgres::Error) -> String {
+    err.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {err}"))
+}

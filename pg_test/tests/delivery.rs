@@ -1,0 +1,243 @@
+//! End to end, against each broker (Apache Kafka and Tansu): what commits reaches the topic with
+//! its key, headers and message id, in commit order per key; what rolls back never does.
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, Record};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+macro_rules! on_every_broker {
+    ($($name:ident),* $(,)?) => {
+        mod kafka { $( #[test] fn $name() { super::$name(pg_outbox_tests::BrokerKind::Kafka) } )* }
+        mod tansu { $( #[test] fn $name() { super::$name(pg_outbox_tests::BrokerKind::Tansu) } )* }
+    };
+}
+
+on_every_broker!(
+    committed_messages_reach_the_topic_with_key_headers_and_message_id,
+    rolled_back_messages_never_reach_the_broker,
+    a_prepared_transaction_is_delivered_only_after_commit_prepared,
+    a_later_commit_of_an_earlier_enqueue_is_delivered_in_commit_order,
+    concurrent_writers_of_a_key_are_delivered_in_commit_order_with_nothing_lost,
+    a_single_message_arrives_within_milliseconds_of_commit,
+);
+
+fn payloads(records: &[Record]) -> Vec<String> {
+    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
+}
+
+fn committed_messages_reach_the_topic_with_key_headers_and_message_id(broker: BrokerKind) {
+    let bootstrap = broker.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let mut db = c.client();
+    let topic = unique("orders.created");
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric)").unwrap();
+    let mut tx = db.transaction().unwrap();
+    tx.execute("INSERT INTO orders VALUES (42, 99.5)", &[]).unwrap();
+    let id: i64 = tx
+        .query_one(
+            "SELECT outbox.enqueue_message($1, '{\"id\": 42, \"total\": 99.5}'::jsonb, key => '42',
+                                           headers => '{\"source\": \"shop\"}')",
+            &[&topic],
+        )
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    // Autocommit, a binary payload, no key, and a tombstone (NULL payload with a key).
+    db.execute("SELECT outbox.enqueue_message($1, '\\xdeadbeef'::bytea)", &[&topic]).unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, NULL::jsonb, key => '42')", &[&topic]).unwrap();
+
+    let records = read_topic(&bootstrap, &topic, 3, WAIT);
+    assert_eq!(records.len(), 3, "{records:?}");
+    let order = records.iter().find(|r| r.payload.as_deref().is_some_and(|p| p.starts_with(b"{"))).unwrap();
+    assert_eq!(order.key.as_deref(), Some("42"));
+    assert_eq!(order.json(), serde_json::json!({"id": 42, "total": 99.5}));
+    assert_eq!(order.headers.get("source").map(String::as_str), Some("shop"));
+    assert!(order.message_id().ends_with(&format!("-{id}")), "message id header: {}", order.message_id());
+    let binary = records.iter().find(|r| r.key.is_none()).unwrap();
+    assert_eq!(binary.payload.as_deref(), Some(&[0xde, 0xad, 0xbe, 0xef][..]));
+    let tombstone = records.iter().find(|r| r.payload.is_none()).expect("a tombstone");
+    assert_eq!(tombstone.key.as_deref(), Some("42"));
+    // Records of one key share a partition, and all message ids differ.
+    assert_eq!(order.partition, tombstone.partition);
+    let mut ids: Vec<&str> = records.iter().map(Record::message_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
+    assert!(c.wait_until_drained(WAIT));
+}
+
+fn rolled_back_messages_never_reach_the_broker(broker: BrokerKind) {
+    let bootstrap = broker.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let mut db = c.client();
+    let topic = unique("rollbacks");
+    let enqueue = |body: &str| format!("SELECT outbox.enqueue_message('{topic}', '\"{body}\"'::jsonb, key => 'k');");
+    db.batch_execute(&format!("BEGIN; {} ROLLBACK;", enqueue("rolled back"))).unwrap();
+    db.batch_execute(&format!(
+        "BEGIN; {} SAVEPOINT s; {} ROLLBACK TO SAVEPOINT s; COMMIT;",
+        enqueue("before savepoint"),
+        enqueue("after savepoint")
+    ))
+    .unwrap();
+    // A failing statement aborts the transaction: its COMMIT rolls back.
+    let _ = db.batch_execute(&format!("BEGIN; {} SELECT 1/0;", enqueue("aborted")));
+    db.batch_execute("COMMIT").unwrap();
+    db.batch_execute(&format!("BEGIN; {} PREPARE TRANSACTION 'p1';", enqueue("rollback prepared"))).unwrap();
+    db.batch_execute("ROLLBACK PREPARED 'p1'").unwrap();
+    db.batch_execute(&enqueue("last")).unwrap();
+
+    let records = read_topic(&bootstrap, &topic, 2, WAIT);
+    assert_eq!(payloads(&records), vec!["\"before savepoint\"", "\"last\""]);
+}
+
+fn a_prepared_transaction_is_delivered_only_after_commit_prepared(broker: BrokerKind) {
+    let bootstrap = broker.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let mut db = c.client();
+    let topic = unique("prepared");
+    db.batch_execute(&format!(
+        "BEGIN; SELECT outbox.enqueue_message('{topic}', '\"prepared\"'::jsonb); PREPARE TRANSACTION 'p2';"
+    ))
+    .unwrap();
+    db.batch_execute(&format!("SELECT outbox.enqueue_message('{topic}', '\"marker\"'::jsonb)")).unwrap();
+    let before = read_topic(&bootstrap, &topic, 1, WAIT);
+    assert_eq!(payloads(&before), vec!["\"marker\""]);
+    // Committed by another session, as a transaction manager would.
+    c.client().batch_execute("COMMIT PREPARED 'p2'").unwrap();
+    let after = read_topic(&bootstrap, &topic, 2, WAIT);
+    assert_eq!(payloads(&after), vec!["\"marker\"", "\"prepared\""]);
+}
+
+fn a_later_commit_of_an_earlier_enqueue_is_delivered_in_commit_order(broker: BrokerKind) {
+    let bootstrap = broker.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let topic = unique("commit-order");
+    let mut early = c.client();
+    let mut late = c.client();
+    let mut t1 = early.transaction().unwrap();
+    let id1: i64 = t1
+        .query_one("SELECT outbox.enqueue_message($1, '\"enqueued first, committed last\"'::jsonb, key => 'k')", &[&topic])
+        .unwrap()
+        .get(0);
+    let mut t2 = late.transaction().unwrap();
+    let id2: i64 = t2
+        .query_one("SELECT outbox.enqueue_message($1, '\"enqueued second, committed first\"'::jsonb, key => 'k')", &[&topic])
+        .unwrap()
+        .get(0);
+    assert!(id1 < id2);
+    t2.commit().unwrap();
+    // The worker forwards the second message while the first transaction is still open...
+    let first = read_topic(&bootstrap, &topic, 1, WAIT);
+    assert_eq!(payloads(&first), vec!["\"enqueued second, committed first\""]);
+    // ...and still delivers the first one (lower id) once it commits: no outbox gap.
+    t1.commit().unwrap();
+    let all = read_topic(&bootstrap, &topic, 2, WAIT);
+    assert_eq!(payloads(&all), vec!["\"enqueued second, committed first\"", "\"enqueued first, committed last\""]);
+}
+
+fn concurrent_writers_of_a_key_are_delivered_in_commit_order_with_nothing_lost(broker: BrokerKind) {
+    let bootstrap = broker.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let topic = unique("concurrent");
+    c.client()
+        .batch_execute(
+            "CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL);
+             INSERT INTO counters SELECT 'key-' || i, 0 FROM generate_series(1, 4) i;",
+        )
+        .unwrap();
+    let clients = 6;
+    let per_client = 150;
+    let handles: Vec<_> = (0..clients)
+        .map(|w| {
+            let dsn = c.dsn("shop");
+            let topic = topic.clone();
+            std::thread::spawn(move || {
+                let mut db = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
+                let mut committed = 0;
+                for i in 0..per_client {
+                    let key = format!("key-{}", (w + i) % 4 + 1);
+                    let mut tx = db.transaction().unwrap();
+                    // Some transactions enqueue something unrelated first, so their ids are
+                    // older than their commit position.
+                    if i % 3 == 0 {
+                        tx.execute("SELECT outbox.enqueue_message($1, '\"noise\"'::jsonb)", &[&topic]).unwrap();
+                    }
+                    let n: i32 = tx
+                        .query_one("UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n", &[&key])
+                        .unwrap()
+                        .get(0);
+                    tx.execute(
+                        "SELECT outbox.enqueue_message($1, jsonb_build_object('n', $2::int), key => $3)",
+                        &[&topic, &n, &key],
+                    )
+                    .unwrap();
+                    if i % 7 == 0 {
+                        std::thread::sleep(Duration::from_millis(3));
+                    }
+                    if i % 10 == 9 {
+                        tx.rollback().unwrap();
+                    } else {
+                        tx.commit().unwrap();
+                        committed += 1;
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let committed: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let noise = (0..clients).map(|_| (0..per_client).filter(|i| i % 3 == 0 && i % 10 != 9).count()).sum::<usize>();
+    let records = read_topic(&bootstrap, &topic, committed + noise, Duration::from_secs(60));
+    let mut per_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in records.iter().filter(|r| r.key.is_some()) {
+        per_key.entry(r.key.clone().unwrap()).or_default().push(r.json()["n"].as_i64().unwrap());
+    }
+    let keyed: usize = per_key.values().map(Vec::len).sum();
+    assert_eq!(keyed, committed, "every committed keyed message delivered exactly once");
+    assert_eq!(records.len(), committed + noise);
+    for (key, ns) in &per_key {
+        // Each committed value of the counter, in commit order; rolled-back increments are
+        // reused by the next writer, so the sequence is exactly 1..=count.
+        let expected: Vec<i64> = (1..=ns.len() as i64).collect();
+        assert_eq!(ns, &expected, "key {key} out of commit order");
+    }
+}
+
+fn a_single_message_arrives_within_milliseconds_of_commit(broker: BrokerKind) {
+    let bootstrap = broker.shared_bootstrap();
+    // A 10 s fallback poll: only the commit wake-up can make delivery fast.
+    let c = Cluster::start(&bootstrap, "pg_outbox.poll_interval = '10s'");
+    let topic = unique("latency");
+    let mut db = c.client();
+    db.execute("SELECT outbox.enqueue_message($1, '\"warm-up\"'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    let consumer = pg_outbox_tests::consumer(&bootstrap);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset(&topic, p, rdkafka::Offset::End).unwrap();
+    }
+    rdkafka::consumer::Consumer::assign(&consumer, &tpl).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int))", &[&topic, &i]).unwrap();
+        let committed = Instant::now();
+        loop {
+            match consumer.poll(Duration::from_millis(5)) {
+                Some(Ok(_)) => break,
+                _ if committed.elapsed() > Duration::from_secs(5) => panic!("message {i} not delivered in 5 s"),
+                _ => {}
+            }
+        }
+        latencies.push(committed.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let max = latencies[latencies.len() - 1];
+    eprintln!("{broker:?}: commit-to-consumer latency p50 {p50:?}, max {max:?}");
+    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
+    assert!(max < Duration::from_secs(2), "max {max:?}");
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# A one-node Apache Kafka (KRaft) on loopback, as Kafka's own scripts run it.
+#   scripts/kafka.sh start DIR PORT   (idempotent; storage persists in DIR across restarts)
+#   scripts/kafka.sh stop DIR
+set -euo pipefail
+cmd=$1 dir=$2
+here=$(cd "$(dirname "$0")" && pwd)
+libs=${KAFKA_LIBS:-$HOME/.cache/pg_outbox/kafka-4.1.1/libs}
+
+running() { [ -f "$dir/kafka.pid" ] && kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; }
+
+case $cmd in
+start)
+  port=$3 cport=$(($3 + 1))
+  if running; then exit 0; fi
+  [ -d "$libs" ] || { echo "Kafka jars missing in $libs: run scripts/deps.sh kafka" >&2; exit 1; }
+  mkdir -p "$dir/data"
+  cat > "$dir/server.properties" <<CONF
+process.roles=broker,controller
+node.id=1
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+log.dirs=$dir/data
+num.partitions=3
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+CONF
+  cat > "$dir/log4j2.yaml" <<'CONF'
+Configuration:
+  Appenders:
+    Console: { name: STDOUT, PatternLayout: { pattern: "[%d] %p %m (%c)%n" } }
+  Loggers:
+    Root: { level: WARN, AppenderRef: [ { ref: STDOUT } ] }
+    Logger: [ { name: kafka.server.KafkaRaftServer, level: INFO } ]
+CONF
+  java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true -Dlog4j2.configurationFile="$dir/log4j2.yaml")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    id=$(java -cp "$libs/*" "${java_opts[@]}" kafka.tools.StorageTool random-uuid)
+    java -cp "$libs/*" "${java_opts[@]}" kafka.tools.StorageTool format --standalone -t "$id" \
+      -c "$dir/server.properties" > "$dir/format.log" 2>&1
+  fi
+  nohup java -cp "$libs/*" "${java_opts[@]}" kafka.Kafka "$dir/server.properties" >> "$dir/kafka.log" 2>&1 < /dev/null &
+  echo $! > "$dir/kafka.pid"
+  "$here/wait-port.sh" 127.0.0.1 "$port" 90 || { tail -20 "$dir/kafka.log" >&2; exit 1; }
+  ;;
+stop)
+  if running; then
+    pid=$(cat "$dir/kafka.pid"); kill "$pid"
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$dir/kafka.pid"
+  ;;
+*) echo "usage: $0 start DIR PORT | stop DIR" >&2; exit 2 ;;
+esac

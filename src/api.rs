@@ -1,0 +1,125 @@
+//! The C-language functions behind the SQL API in `sql/` (the SQL itself is hand-written there).
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB, PgSqlErrorCode};
+
+use pg_outbox_bgworker::message::validate_topic;
+
+use crate::{guc, shmem};
+
+/// Whether the current transaction enqueued, so that its commit wakes the worker.
+static ENQUEUED_IN_XACT: AtomicBool = AtomicBool::new(false);
+static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if ENQUEUED_IN_XACT.swap(false, Ordering::Relaxed) {
+                shmem::wake_worker(unsafe { pg_sys::MyDatabaseId }.to_u32());
+            }
+        }
+        // A prepared transaction is committed later, maybe by another backend: the worker's
+        // fallback poll picks it up.
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            ENQUEUED_IN_XACT.store(false, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+fn invalid(code: PgSqlErrorCode, message: String) -> ! {
+    ereport!(ERROR, code, message);
+}
+
+/// Checks one message before `enqueue_message` inserts it, and arms the commit wake-up.
+#[pg_extern(name = "_prepare_enqueue")]
+fn prepare_enqueue(topic: Option<&str>, _key: Option<&str>, headers: Option<JsonB>, payload_bytes: Option<i32>) {
+    let Some(topic) = topic else {
+        invalid(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "topic must not be NULL".into());
+    };
+    if let Err(e) = validate_topic(topic) {
+        invalid(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e);
+    }
+    if let Some(JsonB(headers)) = headers {
+        let serde_json::Value::Object(map) = headers else {
+            invalid(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("headers must be a JSON object of string values, not {headers}"),
+            );
+        };
+        if let Some((name, value)) = map.iter().find(|(_, v)| !v.is_string()) {
+            invalid(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("header \"{name}\" must be a JSON string, not {value}"),
+            );
+        }
+    }
+    let limit = guc::MAX_MESSAGE_BYTES.get();
+    if let Some(size) = payload_bytes.filter(|&size| size > limit) {
+        invalid(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("payload is {size} bytes, more than pg_outbox.max_message_bytes ({limit})"),
+        );
+    }
+    if !CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
+        unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+    }
+    ENQUEUED_IN_XACT.store(true, Ordering::Relaxed);
+}
+
+/// The storage slot new messages go to (the DEFAULT of `outbox.messages.slot`).
+#[pg_extern(name = "_current_slot")]
+fn current_slot() -> i16 {
+    shmem::current_slot(unsafe { pg_sys::MyDatabaseId }.to_u32())
+}
+
+fn timestamp(ts: pg_sys::TimestampTz) -> Option<TimestampWithTimeZone> {
+    (ts != 0).then(|| unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(ts), false) }).flatten()
+}
+
+#[allow(clippy::type_complexity)]
+#[pg_extern(name = "_worker_status")]
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(pid, Option<i32>),
+        name!(state, String),
+        name!(broker_state, String),
+        name!(batches, i64),
+        name!(messages_delivered, i64),
+        name!(in_flight, i32),
+        name!(wakeups_by_commit, i64),
+        name!(wakeups_by_poll, i64),
+        name!(empty_wakeups, i64),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<TimestampWithTimeZone>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let rows: Vec<_> = shmem::snapshot()
+        .into_iter()
+        .map(|s| {
+            (
+                s.database(),
+                (s.pid != 0).then_some(s.pid),
+                s.state.as_str().to_string(),
+                s.broker.as_str().to_string(),
+                s.batches,
+                s.delivered,
+                s.in_flight,
+                s.wakeups_commit,
+                s.wakeups_poll,
+                s.wakeups_empty,
+                s.last_error(),
+                timestamp(s.last_error_at),
+                timestamp(s.started_at),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}

@@ -1,0 +1,178 @@
+//! Settings (`pg_outbox.*`). The worker re-reads them on SIGHUP (`SELECT pg_reload_conf()`).
+use std::ffi::CString;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pg_outbox_bgworker::{parse_properties, Backoff, SinkConfig};
+
+pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static BOOTSTRAP_SERVERS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
+pub static KAFKA_PROPERTIES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static CREATE_TOPICS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(3);
+pub static TOPIC_REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(-1);
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static RETRY_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static ROTATION_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"pg_outbox.database",
+        c"Databases whose outbox is forwarded (comma-separated); one worker each.",
+        c"A worker waits quietly in a database until CREATE EXTENSION pg_outbox has run there.",
+        &DATABASES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_outbox.kafka_bootstrap_servers",
+        c"Kafka bootstrap servers (host:port, comma-separated).",
+        c"",
+        &BOOTSTRAP_SERVERS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_outbox.kafka_properties",
+        c"Extra librdkafka producer properties, key=value separated by ';'.",
+        c"Overrides pg_outbox's defaults (acks=all, enable.idempotence=true, ...). May hold secrets such as sasl.password, so only superusers can see it.",
+        &KAFKA_PROPERTIES,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.max_message_bytes",
+        c"Largest payload enqueue_message accepts.",
+        c"",
+        &MAX_MESSAGE_BYTES,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.batch_size",
+        c"Most messages the worker has in flight at once.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.poll_interval",
+        c"How often the worker looks for messages when no commit woke it.",
+        c"Commits that enqueued wake the worker at once; this covers COMMIT PREPARED and rows written without enqueue_message.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_outbox.create_topics",
+        c"Create missing topics through the Kafka admin API.",
+        c"",
+        &CREATE_TOPICS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.topic_partitions",
+        c"Partitions of topics the worker creates.",
+        c"",
+        &TOPIC_PARTITIONS,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.topic_replication_factor",
+        c"Replication factor of topics the worker creates (-1: the broker's default).",
+        c"",
+        &TOPIC_REPLICATION_FACTOR,
+        -1,
+        32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.max_attempts",
+        c"Attempts before a message the broker refuses moves to outbox.dead_letters.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.retry_backoff",
+        c"Delay before the first retry of a refused message; doubles with each attempt.",
+        c"",
+        &RETRY_BACKOFF_MS,
+        1,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.retry_backoff_max",
+        c"Longest delay between retries of a refused message, and between reconnects to the broker.",
+        c"",
+        &RETRY_BACKOFF_MAX_MS,
+        1,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.rotation_interval",
+        c"How long new messages go to one storage slot before the worker moves them to the next.",
+        c"A slot is emptied with TRUNCATE once all its messages are delivered; this bounds outbox storage without per-row deletes.",
+        &ROTATION_INTERVAL_MS,
+        1000,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The databases named in `pg_outbox.database`.
+pub fn databases() -> Vec<String> {
+    string(&DATABASES)
+        .split(',')
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
+/// The sink settings as they are now, or a message saying which setting is wrong.
+pub fn sink_config() -> Result<SinkConfig, String> {
+    let properties = parse_properties(&string(&KAFKA_PROPERTIES))
+        .map_err(|e| format!("invalid pg_outbox.kafka_properties: {e}"))?;
+    Ok(SinkConfig {
+        bootstrap_servers: string(&BOOTSTRAP_SERVERS),
+        properties,
+        create_topics: CREATE_TOPICS.get(),
+        topic_partitions: TOPIC_PARTITIONS.get(),
+        topic_replication_factor: TOPIC_REPLICATION_FACTOR.get(),
+    })
+}
+
+pub fn retry_backoff() -> Backoff {
+    Backoff {
+        initial: std::time::Duration::from_millis(RETRY_BACKOFF_MS.get() as u64),
+        max: std::time::Duration::from_millis(RETRY_BACKOFF_MAX_MS.get().max(RETRY_BACKOFF_MS.get()) as u64),
+    }
+}

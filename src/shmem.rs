@@ -1,0 +1,198 @@
+//! Shared memory: one slot per worker, holding what other backends need from it — its latch (so
+//! a committing transaction can wake it), the storage slot enqueuers write to, and the live
+//! figures behind `outbox.worker_status`. Figures survive a worker restart (not a server restart).
+use pgrx::lwlock::PgLwLock;
+use pgrx::pg_guard;
+use pgrx::pg_sys;
+use pgrx::shmem::PGRXSharedMemory;
+
+pub const MAX_WORKERS: usize = 32;
+const ERROR_LEN: usize = 512;
+const NAME_LEN: usize = 64;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerState {
+    Starting,
+    WaitingForExtension,
+    Standby,
+    Idle,
+    Forwarding,
+    BrokerUnavailable,
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::WaitingForExtension => "waiting for CREATE EXTENSION",
+            WorkerState::Standby => "standby (read-only)",
+            WorkerState::Idle => "idle",
+            WorkerState::Forwarding => "forwarding",
+            WorkerState::BrokerUnavailable => "broker unavailable",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BrokerState {
+    Unknown,
+    Connected,
+    Unavailable,
+}
+
+impl BrokerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerState::Unknown => "not connected yet",
+            BrokerState::Connected => "connected",
+            BrokerState::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[derive(Copy, Clone)]
+pub struct WorkerSlot {
+    pub in_use: bool,
+    pub database_oid: u32,
+    database: [u8; NAME_LEN],
+    pub pid: i32,
+    /// Address of the worker's process latch (PGPROC lives in shared memory, mapped at the same
+    /// address in every backend); 0 while no worker runs.
+    pub latch: usize,
+    pub current_slot: i16,
+    pub state: WorkerState,
+    pub broker: BrokerState,
+    pub batches: i64,
+    pub delivered: i64,
+    pub in_flight: i32,
+    pub wakeups_commit: i64,
+    pub wakeups_poll: i64,
+    pub wakeups_empty: i64,
+    last_error: [u8; ERROR_LEN],
+    pub last_error_at: pg_sys::TimestampTz,
+    pub started_at: pg_sys::TimestampTz,
+}
+
+impl WorkerSlot {
+    const EMPTY: WorkerSlot = WorkerSlot {
+        in_use: false,
+        database_oid: 0,
+        database: [0; NAME_LEN],
+        pid: 0,
+        latch: 0,
+        current_slot: 0,
+        state: WorkerState::Stopped,
+        broker: BrokerState::Unknown,
+        batches: 0,
+        delivered: 0,
+        in_flight: 0,
+        wakeups_commit: 0,
+        wakeups_poll: 0,
+        wakeups_empty: 0,
+        last_error: [0; ERROR_LEN],
+        last_error_at: 0,
+        started_at: 0,
+    };
+
+    pub fn database(&self) -> String {
+        text_of(&self.database)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        Some(text_of(&self.last_error)).filter(|s| !s.is_empty())
+    }
+
+    pub fn set_last_error(&mut self, message: &str) {
+        copy_text(&mut self.last_error, message);
+        self.last_error_at = unsafe { pg_sys::GetCurrentTimestamp() };
+    }
+}
+
+fn text_of(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn copy_text(buf: &mut [u8], text: &str) {
+    // Cut at a character boundary so the stored text stays valid UTF-8.
+    let mut end = text.len().min(buf.len() - 1);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    buf.fill(0);
+    buf[..end].copy_from_slice(&text.as_bytes()[..end]);
+}
+
+#[derive(Copy, Clone)]
+pub struct Registry {
+    pub slots: [WorkerSlot; MAX_WORKERS],
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry { slots: [WorkerSlot::EMPTY; MAX_WORKERS] }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Registry {}
+
+pub static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_outbox registry") };
+
+pub fn init() {
+    pgrx::pg_shmem_init!(REGISTRY);
+}
+
+/// Finds (or claims) the slot of the worker for `database_oid`, keeping earlier figures.
+pub fn claim_slot(database_oid: u32, database: &str) -> Option<usize> {
+    let mut registry = REGISTRY.exclusive();
+    let index = registry
+        .slots
+        .iter()
+        .position(|s| s.in_use && s.database_oid == database_oid)
+        .or_else(|| registry.slots.iter().position(|s| !s.in_use))?;
+    let slot = &mut registry.slots[index];
+    if !slot.in_use || slot.database_oid != database_oid {
+        *slot = WorkerSlot::EMPTY;
+        slot.in_use = true;
+        slot.database_oid = database_oid;
+    }
+    copy_text(&mut slot.database, database);
+    Some(index)
+}
+
+/// Sets the latch of the worker serving `database_oid`, if one runs.
+pub fn wake_worker(database_oid: u32) {
+    let latch = {
+        let registry = REGISTRY.share();
+        registry
+            .slots
+            .iter()
+            .find(|s| s.in_use && s.database_oid == database_oid && s.latch != 0)
+            .map(|s| s.latch)
+    };
+    if let Some(latch) = latch {
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+/// The storage slot that enqueuers of this database write to (0 until a worker has published it).
+pub fn current_slot(database_oid: u32) -> i16 {
+    REGISTRY
+        .share()
+        .slots
+        .iter()
+        .find(|s| s.in_use && s.database_oid == database_oid)
+        .map_or(0, |s| s.current_slot)
+}
+
+pub fn update<R>(index: usize, f: impl FnOnce(&mut WorkerSlot) -> R) -> R {
+    f(&mut REGISTRY.exclusive().slots[index])
+}
+
+pub fn snapshot() -> Vec<WorkerSlot> {
+    REGISTRY.share().slots.iter().filter(|s| s.in_use).copied().collect()
+}

@@ -1,0 +1,427 @@
+//! The one place where the worker opens transactions and talks SPI. Every function here runs one
+//! short transaction and returns plain Rust values; the caller does network I/O only after it
+//! returned, with no transaction or lock held.
+use std::collections::HashSet;
+use std::ffi::CString;
+
+use pgrx::prelude::*;
+use pgrx::pg_sys;
+
+use pg_outbox_bgworker::{parse_headers, OutboundMessage};
+
+type SpiResult<T> = Result<T, pgrx::spi::Error>;
+
+pub const SLOTS: i16 = 4;
+
+/// Runs `body` in its own transaction. REPEATABLE READ makes every statement, and
+/// `pg_current_snapshot()`, see the same snapshot. An ERROR inside ends the worker process
+/// (exit code 1, never a crash); the launcher starts it again with backoff.
+pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        if repeatable_read {
+            pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
+        }
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = body();
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+    result
+}
+
+fn extension_installed() -> bool {
+    unsafe { pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// True while another session waits to drop (or rename) this database: DROP DATABASE holds an
+/// AccessExclusiveLock on the database object while it waits for the database's backends to
+/// leave, so a worker that cannot take the weak lock every backend takes at connection time must
+/// leave now, or DROP DATABASE fails with "being accessed by other users".
+fn database_drop_pending() -> bool {
+    unsafe {
+        let mut tag = pg_sys::LOCKTAG {
+            locktag_field1: 0,
+            locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
+            locktag_field3: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+        };
+        let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+        let got = pg_sys::LockAcquire(&mut tag, mode, false, true);
+        if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+            return true;
+        }
+        pg_sys::LockRelease(&mut tag, mode, false);
+        false
+    }
+}
+
+/// What one read transaction found.
+pub enum Work {
+    NoExtension,
+    DatabaseDropping,
+    Batch(Batch),
+}
+
+#[derive(Default)]
+pub struct Batch {
+    /// The snapshot window being forwarded (text form of a pg_snapshot).
+    pub window: String,
+    /// The window had more rows than the batch size: the next batch continues it.
+    pub window_continues: bool,
+    pub window_changed: bool,
+    /// Fresh messages of the window, in delivery order.
+    pub fresh: Vec<OutboundMessage>,
+    /// Held messages that are due: the oldest of each key, topic not paused.
+    pub retries: Vec<OutboundMessage>,
+    pub blocked_keys: HashSet<(String, String)>,
+    pub paused_topics: HashSet<String>,
+    /// Seconds until the next held message falls due (if any is waiting).
+    pub next_due_in: Option<f64>,
+    pub current_slot: i16,
+}
+
+const MESSAGE_COLUMNS: &str =
+    "id, topic, key, coalesce(payload, convert_to(json_payload::text, 'UTF8')), headers::text";
+
+fn message_from_row(row: &pgrx::spi::SpiHeapTupleData, attempts: i32, held: bool) -> SpiResult<OutboundMessage> {
+    let headers: Option<String> = row.get(5)?;
+    Ok(OutboundMessage {
+        id: row.get(1)?.unwrap_or_default(),
+        topic: row.get(2)?.unwrap_or_default(),
+        key: row.get(3)?,
+        payload: row.get(4)?,
+        // enqueue_message validated them; a row written by hand with bad headers loses them
+        // rather than stalling delivery.
+        headers: parse_headers(headers.as_deref()).unwrap_or_default(),
+        attempts,
+        held,
+    })
+}
+
+/// Reads the next batch: fresh messages of the current window and held messages that are due.
+pub fn read_batch(batch_size: i64) -> Work {
+    transaction(true, || {
+        if !extension_installed() {
+            return Work::NoExtension;
+        }
+        if database_drop_pending() {
+            return Work::DatabaseDropping;
+        }
+        Spi::connect(|client| -> SpiResult<Work> {
+            let mut batch = Batch::default();
+            let state = client
+                .select(
+                    "SELECT pg_snapshot_xmax(done_snapshot)::text,
+                            ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text),
+                            coalesce(window_snapshot, pg_current_snapshot())::text,
+                            window_snapshot IS NULL,
+                            coalesce(window_last_id, -1),
+                            current_slot
+                     FROM outbox.worker_state",
+                    Some(1),
+                    &[],
+                )?
+                .first();
+            let done_xmax: String = state.get(1)?.unwrap_or_default();
+            let done_xip: Vec<String> = state.get(2)?.unwrap_or_default();
+            batch.window = state.get(3)?.unwrap_or_default();
+            let new_window: bool = state.get(4)?.unwrap_or(true);
+            let last_id: i64 = state.get(5)?.unwrap_or(-1);
+            batch.current_slot = state.get(6)?.unwrap_or(0);
+            batch.window_changed = new_window;
+
+            let fresh = client.select(
+                &format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM outbox.messages
+                     WHERE id > $1
+                       AND (txid >= $2::xid8 OR txid = ANY ($3::xid8[]))
+                       AND pg_visible_in_snapshot(txid, $4::pg_snapshot)
+                     ORDER BY id LIMIT $5"
+                ),
+                None,
+                &[last_id.into(), done_xmax.into(), done_xip.into(), batch.window.clone().into(), batch_size.into()],
+            )?;
+            for row in fresh {
+                batch.fresh.push(message_from_row(&row, 0, false)?);
+            }
+            batch.window_continues = batch.fresh.len() as i64 >= batch_size;
+            if !batch.fresh.is_empty() {
+                batch.window_changed = true;
+            }
+
+            for row in client.select("SELECT topic FROM outbox.topics WHERE paused", None, &[])? {
+                if let Some(t) = row.get::<String>(1)? {
+                    batch.paused_topics.insert(t);
+                }
+            }
+            let held_exists: bool =
+                client.select("SELECT EXISTS (SELECT 1 FROM outbox.held_messages)", Some(1), &[])?.first().get(1)?.unwrap_or(false);
+            if held_exists {
+                read_held(client, &mut batch, batch_size)?;
+            }
+            Ok(Work::Batch(batch))
+        })
+        .unwrap_or_else(|e| error!("pg_outbox worker could not read the outbox: {e}"))
+    })
+}
+
+fn read_held(client: &pgrx::spi::SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
+    for row in client.select(
+        "SELECT DISTINCT topic, key FROM outbox.held_messages WHERE key IS NOT NULL",
+        None,
+        &[],
+    )? {
+        if let (Some(t), Some(k)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
+            batch.blocked_keys.insert((t, k));
+        }
+    }
+    // The head of each key (messages without a key are each their own line), if it is due and
+    // its topic is not paused.
+    let heads = client.select(
+        &format!(
+            "SELECT {MESSAGE_COLUMNS}, attempts FROM (
+                 SELECT DISTINCT ON (h.topic, h.key, CASE WHEN h.key IS NULL THEN h.seq END) h.*
+                 FROM outbox.held_messages h
+                 WHERE NOT EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = h.topic AND t.paused)
+                 ORDER BY h.topic, h.key, CASE WHEN h.key IS NULL THEN h.seq END, h.seq
+             ) head
+             WHERE next_attempt_at <= now()
+             ORDER BY seq LIMIT $1"
+        ),
+        None,
+        &[batch_size.into()],
+    )?;
+    for row in heads {
+        let attempts: i32 = row.get(6)?.unwrap_or(0);
+        batch.retries.push(message_from_row(&row, attempts, true)?);
+    }
+    batch.next_due_in = client
+        .select(
+            "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8 FROM outbox.held_messages h
+             WHERE NOT EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = h.topic AND t.paused)",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get(1)?;
+    Ok(())
+}
+
+/// What happened to a batch, to be recorded in one transaction.
+#[derive(Default)]
+pub struct Settlement {
+    pub window: String,
+    pub window_continues: bool,
+    pub window_changed: bool,
+    pub last_fresh_id: Option<i64>,
+    /// Fresh messages the broker acknowledged: topic of each.
+    pub delivered_topics: Vec<String>,
+    /// Held messages the broker acknowledged.
+    pub delivered_held: Vec<i64>,
+    /// Fresh messages to move to held_messages, in delivery order: (id, attempts, error).
+    pub hold_fresh: Vec<(i64, i32, Option<String>)>,
+    /// Held messages the broker refused again: (id, error).
+    pub refused_held: Vec<(i64, String)>,
+    /// Topics of every refused message (for failed_attempts).
+    pub refused_topics: Vec<String>,
+}
+
+/// Records a settled batch: advances the watermark, moves what must wait, counts deliveries.
+pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
+    transaction(false, || {
+        Spi::connect_mut(|client| -> SpiResult<()> {
+            if !s.hold_fresh.is_empty() {
+                let ids: Vec<i64> = s.hold_fresh.iter().map(|h| h.0).collect();
+                let attempts: Vec<i32> = s.hold_fresh.iter().map(|h| h.1).collect();
+                let errors: Vec<Option<String>> = s.hold_fresh.iter().map(|h| h.2.clone()).collect();
+                client.update(
+                    "INSERT INTO outbox.held_messages
+                         (id, topic, key, payload, json_payload, headers, enqueued_at, attempts,
+                          next_attempt_at, last_error, last_error_at)
+                     SELECT m.id, m.topic, m.key, m.payload, m.json_payload, m.headers, m.enqueued_at,
+                            u.attempts,
+                            now() + make_interval(secs => coalesce(($4::float8[])[greatest(u.attempts, 1)], 0)) * (u.attempts > 0)::int,
+                            u.error, CASE WHEN u.error IS NOT NULL THEN now() END
+                     FROM unnest($1::int8[], $2::int4[], $3::text[]) WITH ORDINALITY AS u(id, attempts, error, ord)
+                     JOIN outbox.messages m ON m.id = u.id
+                     ORDER BY u.ord
+                     ON CONFLICT (id) DO NOTHING",
+                    None,
+                    &[ids.into(), attempts.into(), errors.into(), backoff_secs.to_vec().into()],
+                )?;
+            }
+            if !s.delivered_held.is_empty() {
+                client.update(
+                    "DELETE FROM outbox.held_messages WHERE id = ANY ($1)",
+                    None,
+                    &[s.delivered_held.clone().into()],
+                )?;
+            }
+            if !s.refused_held.is_empty() {
+                let ids: Vec<i64> = s.refused_held.iter().map(|r| r.0).collect();
+                let errors: Vec<String> = s.refused_held.iter().map(|r| r.1.clone()).collect();
+                client.update(
+                    "UPDATE outbox.held_messages h
+                     SET attempts = h.attempts + 1,
+                         next_attempt_at = now() + make_interval(secs => coalesce(($3::float8[])[h.attempts + 1],
+                                                                   ($3::float8[])[array_upper($3::float8[], 1)])),
+                         last_error = u.error, last_error_at = now()
+                     FROM unnest($1::int8[], $2::text[]) AS u(id, error)
+                     WHERE h.id = u.id",
+                    None,
+                    &[ids.into(), errors.into(), backoff_secs.to_vec().into()],
+                )?;
+            }
+            if !s.hold_fresh.is_empty() || !s.refused_held.is_empty() {
+                client.update(
+                    "WITH dead AS (
+                         DELETE FROM outbox.held_messages WHERE attempts >= $1 RETURNING *
+                     )
+                     INSERT INTO outbox.dead_letters
+                         (id, topic, key, payload, json_payload, headers, enqueued_at, attempts, last_error)
+                     SELECT id, topic, key, payload, json_payload, headers, enqueued_at, attempts, last_error
+                     FROM dead
+                     ON CONFLICT (id) DO NOTHING",
+                    None,
+                    &[max_attempts.into()],
+                )?;
+            }
+            let mut topics: Vec<&String> = s.delivered_topics.iter().chain(&s.refused_topics).collect();
+            topics.sort();
+            topics.dedup();
+            if !topics.is_empty() {
+                let names: Vec<String> = topics.iter().map(|t| (*t).clone()).collect();
+                let delivered: Vec<i64> =
+                    topics.iter().map(|t| s.delivered_topics.iter().filter(|d| d == t).count() as i64).collect();
+                let refused: Vec<i64> =
+                    topics.iter().map(|t| s.refused_topics.iter().filter(|d| d == t).count() as i64).collect();
+                client.update(
+                    "INSERT INTO outbox.topics AS t (topic, delivered_total, failed_attempts, last_delivered_at)
+                     SELECT topic, delivered, refused, CASE WHEN delivered > 0 THEN now() END
+                     FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(topic, delivered, refused)
+                     ON CONFLICT (topic) DO UPDATE
+                     SET delivered_total = t.delivered_total + excluded.delivered_total,
+                         failed_attempts = t.failed_attempts + excluded.failed_attempts,
+                         last_delivered_at = coalesce(excluded.last_delivered_at, t.last_delivered_at)",
+                    None,
+                    &[names.into(), delivered.into(), refused.into()],
+                )?;
+            }
+            if s.window_changed {
+                let delivered = (s.delivered_topics.len() + s.delivered_held.len()) as i64;
+                if s.window_continues {
+                    client.update(
+                        "UPDATE outbox.worker_state SET window_snapshot = $1::pg_snapshot, window_last_id = $2,
+                                delivered_total = delivered_total + $3",
+                        None,
+                        &[s.window.clone().into(), s.last_fresh_id.into(), delivered.into()],
+                    )?;
+                } else {
+                    client.update(
+                        "UPDATE outbox.worker_state SET done_snapshot = $1::pg_snapshot, window_snapshot = NULL,
+                                window_last_id = NULL, delivered_total = delivered_total + $2",
+                        None,
+                        &[s.window.clone().into(), delivered.into()],
+                    )?;
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| error!("pg_outbox worker could not record deliveries: {e}"))
+    })
+}
+
+/// Storage rotation: moves enqueuers to the next slot once the current one has been written long
+/// enough and the next one is empty, and TRUNCATEs every other slot whose messages are all
+/// settled. Returns the current slot. TRUNCATE needs an AccessExclusiveLock, taken only if it is
+/// free right now, so an enqueuer still writing to an old slot is never blocked nor lost.
+pub fn rotate(rotation_interval_secs: f64) -> Option<i16> {
+    transaction(false, || {
+        if !extension_installed() {
+            return None;
+        }
+        Spi::connect_mut(|client| -> SpiResult<Option<i16>> {
+            let state = client
+                .select(
+                    "SELECT current_slot, extract(epoch FROM now() - slot_switched_at)::float8,
+                            pg_snapshot_xmax(done_snapshot)::text,
+                            ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text)
+                     FROM outbox.worker_state",
+                    Some(1),
+                    &[],
+                )?
+                .first();
+            let mut current: i16 = state.get(1)?.unwrap_or(0);
+            let age: f64 = state.get(2)?.unwrap_or(0.0);
+            let done_xmax: String = state.get(3)?.unwrap_or_default();
+            let done_xip: Vec<String> = state.get(4)?.unwrap_or_default();
+            for slot in (0..SLOTS).filter(|&s| s != current) {
+                let table = format!("outbox.messages_{slot}");
+                let empty: bool = client
+                    .select(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"), Some(1), &[])?
+                    .first()
+                    .get(1)?
+                    .unwrap_or(false);
+                if empty || !try_lock_exclusive(&table) {
+                    continue;
+                }
+                let unsettled: bool = client
+                    .select(
+                        &format!(
+                            "SELECT EXISTS (SELECT 1 FROM {table}
+                                            WHERE txid >= $1::xid8 OR txid = ANY ($2::xid8[]))"
+                        ),
+                        Some(1),
+                        &[done_xmax.clone().into(), done_xip.clone().into()],
+                    )?
+                    .first()
+                    .get(1)?
+                    .unwrap_or(true);
+                if !unsettled {
+                    client.update(&format!("TRUNCATE {table}"), None, &[])?;
+                }
+            }
+            let next = (current + 1) % SLOTS;
+            if age >= rotation_interval_secs {
+                let next_empty: bool = client
+                    .select(&format!("SELECT NOT EXISTS (SELECT 1 FROM outbox.messages_{next})"), Some(1), &[])?
+                    .first()
+                    .get(1)?
+                    .unwrap_or(false);
+                if next_empty {
+                    client.update(
+                        "UPDATE outbox.worker_state SET current_slot = $1, slot_switched_at = now()",
+                        None,
+                        &[next.into()],
+                    )?;
+                    current = next;
+                }
+            }
+            Ok(Some(current))
+        })
+        .unwrap_or_else(|e| error!("pg_outbox worker could not rotate storage: {e}"))
+    })
+}
+
+fn try_lock_exclusive(table: &str) -> bool {
+    let Ok(name) = CString::new(table) else { return false };
+    unsafe {
+        let names = pg_sys::stringToQualifiedNameList(name.as_ptr());
+        let rv = pg_sys::makeRangeVarFromNameList(names);
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK as u32,
+            None,
+            std::ptr::null_mut(),
+        );
+        relid != pg_sys::InvalidOid
+            && pg_sys::ConditionalLockRelationOid(relid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)
+    }
+}

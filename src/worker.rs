@@ -1,0 +1,321 @@
+//! The forwarding worker of one database: a loop of read (short transaction) -> send (no
+//! transaction) -> record (short transaction), asleep on its latch when there is nothing to do.
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::pg_sys;
+
+use pg_outbox_bgworker::message::global_message_id;
+use pg_outbox_bgworker::sink::BatchError;
+use pg_outbox_bgworker::{plan_batch, BatchOutcome, KafkaSink, OutboundMessage, SinkConfig};
+
+use crate::shmem::{self, BrokerState, WorkerState};
+use crate::store::{self, Settlement, Work};
+use crate::guc;
+
+/// How often storage rotation is looked at.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Latch,
+    Timeout,
+}
+
+/// Sleeps on the latch; a commit that enqueued (or SIGHUP/SIGTERM) sets it.
+fn wait(timeout: Duration) -> Wake {
+    let millis = timeout.as_millis().clamp(1, i64::from(i32::MAX) as u128) as std::ffi::c_long;
+    let flags = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    let rc = unsafe {
+        let rc = pg_sys::WaitLatch(pg_sys::MyLatch, flags as i32, millis, pg_sys::PG_WAIT_EXTENSION);
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        pg_sys::check_for_interrupts!();
+        rc
+    };
+    if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+        Wake::Latch
+    } else {
+        Wake::Timeout
+    }
+}
+
+fn stop_requested() -> bool {
+    BackgroundWorker::sigterm_received()
+}
+
+struct Worker {
+    slot: usize,
+    database_oid: u32,
+    system_identifier: u64,
+    sink: Option<KafkaSink>,
+    state: WorkerState,
+    broker: BrokerState,
+    unavailable_since: Option<Instant>,
+    reconnect_failures: u32,
+    last_rotation_check: Option<Instant>,
+}
+
+/// What the loop does after one cycle.
+enum Next {
+    /// More messages are waiting: go again at once.
+    Continue,
+    /// Nothing to do: sleep until woken or for this long.
+    Sleep(Duration),
+    Exit,
+}
+
+impl Worker {
+    fn set_state(&mut self, state: WorkerState) {
+        if self.state != state {
+            self.state = state;
+            shmem::update(self.slot, |s| s.state = state);
+        }
+    }
+
+    fn broker_unavailable(&mut self, error: &str) {
+        if self.broker != BrokerState::Unavailable {
+            log!("pg_outbox: Kafka is unavailable, messages wait in the outbox and will be retried: {error}");
+            self.unavailable_since = Some(Instant::now());
+        }
+        self.broker = BrokerState::Unavailable;
+        self.reconnect_failures += 1;
+        shmem::update(self.slot, |s| {
+            s.broker = BrokerState::Unavailable;
+            s.set_last_error(error);
+        });
+        self.set_state(WorkerState::BrokerUnavailable);
+    }
+
+    fn broker_connected(&mut self) {
+        if self.broker == BrokerState::Unavailable {
+            let down = self.unavailable_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or_default();
+            log!("pg_outbox: Kafka is reachable again after {down:.1} s, delivery resumed");
+        }
+        self.broker = BrokerState::Connected;
+        self.reconnect_failures = 0;
+        self.unavailable_since = None;
+        shmem::update(self.slot, |s| s.broker = BrokerState::Connected);
+    }
+
+    /// Backoff before talking to an unavailable broker again.
+    fn reconnect_delay(&self) -> Duration {
+        guc::retry_backoff().after_failures(self.reconnect_failures.max(1))
+    }
+
+    fn sink(&mut self) -> Result<&mut KafkaSink, String> {
+        let config: SinkConfig = guc::sink_config()?;
+        if self.sink.as_ref().is_some_and(|s| *s.config() != config) {
+            self.sink = None;
+        }
+        if self.sink.is_none() {
+            self.sink = Some(KafkaSink::new(config)?);
+        }
+        self.sink.as_mut().ok_or_else(|| "no producer".to_string())
+    }
+
+    fn maybe_rotate(&mut self) {
+        if self.last_rotation_check.is_some_and(|t| t.elapsed() < ROTATION_CHECK) {
+            return;
+        }
+        self.last_rotation_check = Some(Instant::now());
+        let interval = f64::from(guc::ROTATION_INTERVAL_MS.get()) / 1000.0;
+        if let Some(current) = store::rotate(interval) {
+            shmem::update(self.slot, |s| s.current_slot = current);
+        }
+    }
+
+    fn cycle(&mut self) -> Next {
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            self.set_state(WorkerState::Standby);
+            return Next::Sleep(poll_interval());
+        }
+        let batch_size = i64::from(guc::BATCH_SIZE.get());
+        let batch = match store::read_batch(batch_size) {
+            Work::NoExtension => {
+                self.set_state(WorkerState::WaitingForExtension);
+                return Next::Sleep(poll_interval());
+            }
+            Work::DatabaseDropping => {
+                log!("pg_outbox: database is being dropped or renamed, worker exits");
+                return Next::Exit;
+            }
+            Work::Batch(batch) => batch,
+        };
+        shmem::update(self.slot, |s| s.current_slot = batch.current_slot);
+        let retry_count = batch.retries.len();
+        let plan = plan_batch(batch.retries, batch.fresh, &batch.blocked_keys, &batch.paused_topics);
+        let mut settlement = Settlement {
+            window: batch.window,
+            window_continues: batch.window_continues,
+            window_changed: batch.window_changed,
+            ..Settlement::default()
+        };
+        // Fresh messages in delivery order, with where they went (Some(index in plan.send)).
+        let fresh_ids: Vec<i64> = {
+            let mut ids: Vec<i64> =
+                plan.send.iter().skip(retry_count).chain(plan.hold.iter()).map(|m| m.id).collect();
+            ids.sort_unstable();
+            ids
+        };
+        settlement.last_fresh_id = fresh_ids.last().copied();
+
+        if plan.send.is_empty() && plan.hold.is_empty() {
+            if settlement.window_changed {
+                store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
+            }
+            self.maybe_rotate();
+            self.set_state(WorkerState::Idle);
+            let wait = batch.next_due_in.map_or(poll_interval(), |secs| {
+                Duration::from_secs_f64(secs.max(0.001)).min(poll_interval())
+            });
+            shmem::update(self.slot, |s| s.wakeups_empty += 1);
+            return Next::Sleep(wait);
+        }
+
+        let reports = if plan.send.is_empty() {
+            Vec::new()
+        } else {
+            self.set_state(WorkerState::Forwarding);
+            shmem::update(self.slot, |s| s.in_flight = plan.send.len() as i32);
+            let (sysid, dboid) = (self.system_identifier, self.database_oid);
+            let message_id = move |id: i64| global_message_id(sysid, dboid, id);
+            let sent = match self.sink() {
+                Ok(sink) => sink.send_batch(&plan.send, &message_id, &stop_requested),
+                Err(e) => Err(BatchError::Unavailable(e)),
+            };
+            shmem::update(self.slot, |s| s.in_flight = 0);
+            match sent {
+                Ok(reports) => reports,
+                Err(BatchError::Interrupted) => return Next::Exit,
+                Err(BatchError::Unavailable(e)) => {
+                    self.broker_unavailable(&e);
+                    return Next::Sleep(self.reconnect_delay());
+                }
+            }
+        };
+        let outcome = BatchOutcome::from_reports(reports);
+        if let Some(fatal) = &outcome.fatal {
+            log!("pg_outbox: the Kafka producer failed ({fatal}); recreating it and resending unacknowledged messages");
+            self.sink = None;
+            shmem::update(self.slot, |s| s.set_last_error(fatal));
+            return Next::Continue;
+        }
+        if let Some(e) = &outcome.unavailable {
+            self.broker_unavailable(e);
+            return Next::Sleep(self.reconnect_delay());
+        }
+        self.broker_connected();
+        settle(&mut settlement, &plan.send, &plan.hold, &outcome);
+        store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
+        let delivered = outcome.delivered.len() as i64;
+        if let Some((_, error)) = outcome.refused.first() {
+            shmem::update(self.slot, |s| s.set_last_error(error));
+        }
+        shmem::update(self.slot, |s| {
+            s.batches += 1;
+            s.delivered += delivered;
+        });
+        self.maybe_rotate();
+        Next::Continue
+    }
+}
+
+/// Turns delivery reports into what the record transaction writes.
+fn settle(s: &mut Settlement, sent: &[OutboundMessage], held_back: &[OutboundMessage], outcome: &BatchOutcome) {
+    for &i in &outcome.delivered {
+        let m = &sent[i];
+        if m.held {
+            s.delivered_held.push(m.id);
+        } else {
+            s.delivered_topics.push(m.topic.clone());
+        }
+    }
+    let mut hold: Vec<(i64, i32, Option<String>)> = held_back.iter().map(|m| (m.id, 0, None)).collect();
+    for (i, error) in &outcome.refused {
+        let m = &sent[*i];
+        s.refused_topics.push(m.topic.clone());
+        if m.held {
+            s.refused_held.push((m.id, error.clone()));
+        } else {
+            hold.push((m.id, 1, Some(error.clone())));
+        }
+    }
+    // Held rows queue up in delivery (id) order within the window.
+    hold.sort_by_key(|h| h.0);
+    s.hold_fresh = hold;
+}
+
+fn poll_interval() -> Duration {
+    Duration::from_millis(guc::POLL_INTERVAL_MS.get().max(10) as u64)
+}
+
+/// Retry delay in seconds after n failed attempts, indexed 1..=max_attempts+1 (SQL arrays).
+fn backoff_table() -> Vec<f64> {
+    let backoff = guc::retry_backoff();
+    (1..=guc::MAX_ATTEMPTS.get().max(1) as u32 + 1).map(|n| backoff.after_failures(n).as_secs_f64()).collect()
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_worker_exit(_code: i32, arg: pg_sys::Datum) {
+    let slot = arg.value();
+    shmem::update(slot, |s| {
+        s.pid = 0;
+        s.latch = 0;
+        s.in_flight = 0;
+        s.state = WorkerState::Stopped;
+    });
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let database_oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let Some(slot) = shmem::claim_slot(database_oid, &database) else {
+        warning!("pg_outbox: no free worker slot for database \"{database}\"");
+        return;
+    };
+    unsafe { pg_sys::before_shmem_exit(Some(on_worker_exit), pg_sys::Datum::from(slot)) };
+    shmem::update(slot, |s| {
+        s.pid = unsafe { pg_sys::MyProcPid };
+        s.latch = unsafe { pg_sys::MyLatch } as usize;
+        s.state = WorkerState::Starting;
+        s.broker = BrokerState::Unknown;
+        s.started_at = unsafe { pg_sys::GetCurrentTimestamp() };
+    });
+    let mut worker = Worker {
+        slot,
+        database_oid,
+        system_identifier: unsafe { pg_sys::GetSystemIdentifier() },
+        sink: None,
+        state: WorkerState::Starting,
+        broker: BrokerState::Unknown,
+        unavailable_since: None,
+        reconnect_failures: 0,
+        last_rotation_check: None,
+    };
+    log!("pg_outbox: worker started for database \"{database}\"");
+    loop {
+        if stop_requested() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        match worker.cycle() {
+            Next::Continue => continue,
+            Next::Exit => break,
+            Next::Sleep(timeout) => {
+                let woke = wait(timeout);
+                shmem::update(slot, |s| match woke {
+                    Wake::Latch => s.wakeups_commit += 1,
+                    Wake::Timeout => s.wakeups_poll += 1,
+                });
+            }
+        }
+    }
+    log!("pg_outbox: worker for database \"{database}\" stopped");
+}

@@ -138,7 +138,13 @@ impl Cluster {
     }
 
     pub fn start_without_extension(bootstrap: &str, extra_conf: &str) -> Cluster {
-        let cluster = Cluster { dir: scratch_dir("pg"), port: free_port(), database: "shop".into() };
+        Cluster::start_with_databases(bootstrap, extra_conf, &["shop"])
+    }
+
+    /// A cluster with a worker for each of `databases` (created, without the extension); the
+    /// first one is `self.database`.
+    pub fn start_with_databases(bootstrap: &str, extra_conf: &str, databases: &[&str]) -> Cluster {
+        let cluster = Cluster { dir: scratch_dir("pg"), port: free_port(), database: databases[0].into() };
         let conf = format!("pg_outbox.poll_interval = '200ms'\nfsync = off\n{extra_conf}");
         run(Command::new(script("pg.sh"))
             .env("PG_OUTBOX_EXTRA_CONF", conf)
@@ -146,7 +152,7 @@ impl Cluster {
             .arg(&cluster.dir)
             .arg(cluster.port.to_string())
             .arg(bootstrap)
-            .arg(&cluster.database));
+            .arg(databases.join(",")));
         cluster
     }
 
@@ -193,13 +199,17 @@ impl Cluster {
 
     /// The pid of the running pg_outbox worker of `database`, waiting for it to appear.
     pub fn worker_pid(&self, timeout: Duration) -> Option<i32> {
+        self.worker_pid_of(&self.database, timeout)
+    }
+
+    pub fn worker_pid_of(&self, database: &str, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         let mut client = self.client_for("postgres");
         loop {
             let row = client
                 .query_opt(
                     "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_outbox worker' AND datname = $1",
-                    &[&self.database],
+                    &[&database],
                 )
                 .expect("pg_stat_activity");
             if let Some(row) = row {

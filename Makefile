@@ -1,0 +1,39 @@
+# pg_outbox — every target installs what it needs first (each piece only if missing).
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+
+.PHONY: help deps build install up down demo test package clean
+
+help:
+	@echo "make demo     install everything, start Postgres + Kafka, run an order flow"
+	@echo "make test     run every test (unit + integration against real Postgres, Kafka, Tansu)"
+	@echo "make up/down  start/stop the local Postgres 15 + Apache Kafka (prints PG_OUTBOX_DSN/BOOTSTRAP)"
+	@echo "make install  build and install into the Postgres of PG_CONFIG=$(PG_CONFIG)"
+
+deps:
+	scripts/deps.sh build kafka tansu
+
+build:
+	scripts/deps.sh build
+	cargo build --release --lib -p pg_outbox
+
+install:
+	scripts/deps.sh build
+	scripts/install-extension.sh $(PG_CONFIG)
+
+up:
+	@scripts/deps.sh build kafka >&2
+	@scripts/install-extension.sh $(PG_CONFIG) >&2
+	@scripts/up.sh
+
+down:
+	@scripts/up.sh stop
+
+demo: up
+	scripts/demo.sh
+
+test: deps
+	scripts/install-extension.sh $(PG_CONFIG)
+	scripts/test.sh
+
+clean:
+	cargo clean

@@ -1,0 +1,217 @@
+//! The worker as an operator sees it: how it shows up, starts, stops, reloads settings, and
+//! survives broker outages, DROP EXTENSION, DROP DATABASE, crashes and immediate shutdowns.
+use std::time::{Duration, Instant};
+
+use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, PrivateBroker, Record};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn payloads(records: &[Record]) -> Vec<String> {
+    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
+}
+
+fn enqueue_numbers(c: &Cluster, topic: &str, range: std::ops::Range<i32>) {
+    let mut db = c.client();
+    for i in range {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&topic, &i]).unwrap();
+    }
+}
+
+fn numbers(n: std::ops::Range<i32>) -> Vec<String> {
+    n.map(|i| i.to_string()).collect()
+}
+
+#[test]
+fn the_worker_and_launcher_show_in_pg_stat_activity() {
+    let c = Cluster::start(&BrokerKind::Kafka.shared_bootstrap(), "");
+    assert!(c.worker_pid(WAIT).is_some());
+    let types: Vec<String> = c
+        .client()
+        .query("SELECT backend_type FROM pg_stat_activity WHERE backend_type LIKE 'pg_outbox%' ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, vec!["pg_outbox launcher", "pg_outbox worker"]);
+    let row = c.client().query_one("SELECT pid, state FROM outbox.worker_status", &[]).unwrap();
+    assert_eq!(row.get::<_, Option<i32>>(0), c.worker_pid(WAIT));
+}
+
+#[test]
+fn sigterm_stops_the_worker_promptly_and_the_launcher_starts_it_again() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let pid = c.worker_pid(WAIT).unwrap();
+    let sent = Instant::now();
+    c.client().execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    while c.worker_pid(Duration::ZERO) == Some(pid) {
+        assert!(sent.elapsed() < Duration::from_secs(2), "worker still running 2 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped_in = sent.elapsed();
+    let new_pid = c.worker_pid(WAIT).expect("the launcher restarts the worker");
+    assert_ne!(new_pid, pid);
+    eprintln!("stopped {stopped_in:?} after SIGTERM, back after {:?}", sent.elapsed());
+    let topic = unique("after-sigterm");
+    enqueue_numbers(&c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+}
+
+#[test]
+fn a_new_bootstrap_server_applies_on_reload_without_restart() {
+    let nowhere = PrivateBroker::reserve(BrokerKind::Kafka);
+    let c = Cluster::start(&nowhere.bootstrap(), "");
+    let topic = unique("reload");
+    enqueue_numbers(&c, &topic, 0..5);
+    std::thread::sleep(Duration::from_secs(3));
+    let pending: i64 = c.client().query_one("SELECT count(*) FROM outbox.pending_messages", &[]).unwrap().get(0);
+    assert_eq!(pending, 5, "nothing is lost or dropped while the broker cannot be reached");
+    let pid = c.worker_pid(WAIT).unwrap();
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    c.reconfigure(&format!("pg_outbox.kafka_bootstrap_servers = '{bootstrap}'"));
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 5, WAIT)), numbers(0..5));
+    assert_eq!(c.worker_pid(WAIT), Some(pid), "same worker process: no restart");
+}
+
+#[test]
+fn a_broker_unreachable_at_start_gets_everything_once_it_is_up() {
+    let broker = PrivateBroker::reserve(BrokerKind::Kafka);
+    let c = Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
+    let topic = unique("late-broker");
+    enqueue_numbers(&c, &topic, 0..20);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state: Option<String> =
+            c.client().query_opt("SELECT broker_state FROM outbox.worker_status", &[]).unwrap().map(|r| r.get(0));
+        if state.as_deref() == Some("unavailable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "worker_status never said the broker is unavailable");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    broker.resume();
+    assert_eq!(payloads(&read_topic(&broker.bootstrap(), &topic, 20, Duration::from_secs(60))), numbers(0..20));
+    assert!(c.wait_until_drained(WAIT));
+    let log = c.log();
+    assert_eq!(log.matches("Kafka is unavailable").count(), 1, "the outage is logged once:\n{log}");
+    assert_eq!(log.matches("Kafka is reachable again").count(), 1);
+}
+
+#[test]
+fn a_broker_restart_mid_flow_loses_nothing_and_keeps_key_order() {
+    let broker = PrivateBroker::start(BrokerKind::Kafka);
+    let c = Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
+    let topic = unique("broker-restart");
+    enqueue_numbers(&c, &topic, 0..50);
+    assert_eq!(read_topic(&broker.bootstrap(), &topic, 50, WAIT).len(), 50);
+    broker.stop();
+    enqueue_numbers(&c, &topic, 50..100);
+    std::thread::sleep(Duration::from_secs(2));
+    broker.resume();
+    let records = read_topic(&broker.bootstrap(), &topic, 100, Duration::from_secs(90));
+    // At least once: a batch in flight when the broker went away may appear twice, in order.
+    let mut seen: Vec<String> = payloads(&records);
+    seen.dedup();
+    let mut distinct = seen.clone();
+    distinct.sort_by_key(|s| s.parse::<i32>().unwrap());
+    distinct.dedup();
+    assert_eq!(distinct, numbers(0..100), "nothing lost");
+    let first_seen: Vec<i32> = {
+        let mut firsts = Vec::new();
+        for p in &seen {
+            let n: i32 = p.parse().unwrap();
+            if !firsts.contains(&n) {
+                firsts.push(n);
+            }
+        }
+        firsts
+    };
+    assert_eq!(first_seen, (0..100).collect::<Vec<_>>(), "first deliveries in commit order");
+}
+
+#[test]
+fn drop_extension_with_the_worker_attached_does_not_hang_and_create_brings_it_back() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    assert!(c.worker_pid(WAIT).is_some());
+    let started = Instant::now();
+    c.client().batch_execute("DROP EXTENSION pg_outbox").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "DROP EXTENSION took {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
+    c.client().batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let topic = unique("recreated");
+    enqueue_numbers(&c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert!(!c.log().contains("PANIC"));
+}
+
+#[test]
+fn an_extension_created_after_server_start_is_picked_up() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_without_extension(&bootstrap, "");
+    assert!(c.worker_pid(WAIT).is_some(), "the worker waits in the database");
+    std::thread::sleep(Duration::from_secs(1));
+    c.client().batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let topic = unique("created-later");
+    enqueue_numbers(&c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+}
+
+#[test]
+fn drop_database_is_not_blocked_and_other_databases_keep_forwarding() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_with_databases(&bootstrap, "", &["shop", "scratch"]);
+    for db in ["shop", "scratch"] {
+        c.client_for(db).batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    }
+    assert!(c.worker_pid_of("scratch", WAIT).is_some());
+    let started = Instant::now();
+    c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
+    eprintln!("DROP DATABASE took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let topic = unique("survivor");
+    enqueue_numbers(&c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    // The database comes back: so does its worker.
+    c.client_for("postgres").batch_execute("CREATE DATABASE scratch").unwrap();
+    assert!(c.worker_pid_of("scratch", WAIT).is_some());
+}
+
+#[test]
+fn a_killed_worker_restarts_with_the_cluster_and_delivers_what_was_committed() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let topic = unique("sigkill");
+    enqueue_numbers(&c, &topic, 0..10);
+    let pid = c.worker_pid(WAIT).unwrap();
+    std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    // The postmaster restarts every backend; the committed messages are still there.
+    std::thread::sleep(Duration::from_secs(2));
+    let new_pid = c.worker_pid(WAIT).expect("worker back after crash restart");
+    assert_ne!(new_pid, pid);
+    enqueue_numbers(&c, &topic, 10..20);
+    let mut seen = payloads(&read_topic(&bootstrap, &topic, 20, WAIT));
+    seen.dedup();
+    let mut distinct = seen.clone();
+    distinct.sort_by_key(|s| s.parse::<i32>().unwrap());
+    distinct.dedup();
+    assert_eq!(distinct, numbers(0..20));
+}
+
+#[test]
+fn an_immediate_shutdown_loses_nothing_committed() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let topic = unique("immediate");
+    enqueue_numbers(&c, &topic, 0..200);
+    c.stop("immediate");
+    c.restart_stopped();
+    enqueue_numbers(&c, &topic, 200..210);
+    let records = read_topic(&bootstrap, &topic, 210, Duration::from_secs(60));
+    let mut distinct: Vec<i32> = payloads(&records).iter().map(|s| s.parse().unwrap()).collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct, (0..210).collect::<Vec<_>>());
+    assert!(c.wait_until_drained(WAIT));
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test: the engine's unit tests, then the integration tests against real Postgres
+# clusters and real brokers (Apache Kafka and Tansu, started here on their own ports).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+run=${PG_OUTBOX_TEST_RUN_DIR:-/tmp/pg_outbox-test-brokers}
+kafka_port=${PG_OUTBOX_TEST_KAFKA_PORT:-39092}
+tansu_port=${PG_OUTBOX_TEST_TANSU_PORT:-39094}
+export PATH=$HOME/.cargo/bin:$PATH
+
+cleanup() {
+  "$here/kafka.sh" stop "$run/kafka" || true
+  "$here/tansu.sh" stop "$run/tansu" || true
+  # Clusters of tests that died before their Drop ran.
+  for d in /tmp/pg_outbox_test/pg-*; do [ -f "$d/postmaster.pid" ] && "$here/pg.sh" stop "$d" immediate; done 2>/dev/null || true
+}
+trap cleanup EXIT
+rm -rf "$run" /tmp/pg_outbox_test
+mkdir -p "$run"
+
+cd "$root"
+echo "==> unit tests (bgworker crate: batching, retry policy, Kafka sink config)"
+cargo test -p pg_outbox_bgworker
+
+echo "==> building the integration tests"
+cargo test -p pg_outbox_tests --no-run
+
+echo "==> starting Apache Kafka (127.0.0.1:$kafka_port) and Tansu (127.0.0.1:$tansu_port)"
+"$here/kafka.sh" start "$run/kafka" "$kafka_port"
+"$here/tansu.sh" start "$run/tansu" "$tansu_port"
+export PG_OUTBOX_TEST_KAFKA=127.0.0.1:$kafka_port PG_OUTBOX_TEST_TANSU=127.0.0.1:$tansu_port
+
+echo "==> integration tests (real Postgres 15 clusters, real brokers)"
+cargo test -p pg_outbox_tests -- --test-threads="${PG_OUTBOX_TEST_THREADS:-2}"

@@ -1,0 +1,100 @@
+//! Topics the worker creates, and messages the broker refuses: retried with backoff, then
+//! dead-lettered, while other keys keep flowing and later messages of the key wait behind.
+use std::time::{Duration, Instant};
+
+use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, Record};
+use rdkafka::consumer::Consumer;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn payloads(records: &[Record]) -> Vec<String> {
+    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_missing_topic_is_created_with_topic_partitions() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "pg_outbox.topic_partitions = 5");
+    let topic = unique("created");
+    c.client().execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    let consumer = pg_outbox_tests::consumer(&bootstrap);
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)).unwrap();
+    assert_eq!(metadata.topics()[0].partitions().len(), 5);
+}
+
+#[test]
+fn with_create_topics_off_a_missing_topic_ends_in_dead_letters() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(
+        &bootstrap,
+        "pg_outbox.create_topics = off
+         pg_outbox.max_attempts = 2
+         pg_outbox.retry_backoff = '100ms'
+         pg_outbox.kafka_properties = 'topic.metadata.propagation.max.ms=1000'",
+    );
+    let topic = unique("never-created");
+    let id: i64 =
+        c.client().query_one("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap().get(0);
+    let mut db = c.client();
+    wait_for("the dead letter", WAIT, || {
+        db.query_opt("SELECT 1 FROM outbox.dead_letters WHERE id = $1", &[&id]).unwrap().is_some()
+    });
+    let row = db.query_one("SELECT attempts, last_error FROM outbox.dead_letters WHERE id = $1", &[&id]).unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    let error: String = row.get(1);
+    assert!(error.to_lowercase().contains("unknown topic"), "{error}");
+    let stats = db.query_one("SELECT dead_letters, failed_attempts, pending FROM outbox.topic_stats WHERE topic = $1", &[&topic]).unwrap();
+    assert_eq!((stats.get::<_, i64>(0), stats.get::<_, i64>(1), stats.get::<_, i64>(2)), (1, 2, 0));
+}
+
+#[test]
+fn a_message_the_broker_refuses_is_retried_then_dead_lettered_while_others_flow() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(
+        &bootstrap,
+        "pg_outbox.max_attempts = 4
+         pg_outbox.retry_backoff = '300ms'
+         pg_outbox.retry_backoff_max = '1s'",
+    );
+    let topic = unique("poison");
+    let mut db = c.client();
+    // Over librdkafka's default message.max.bytes (1,000,000), under pg_outbox.max_message_bytes.
+    let poison: i64 = db
+        .query_one("SELECT outbox.enqueue_message($1, convert_to(repeat('x', 1000500), 'UTF8'), key => 'p')", &[&topic])
+        .unwrap()
+        .get(0);
+    db.execute("SELECT outbox.enqueue_message($1, '\"a1\"'::jsonb, key => 'a')", &[&topic]).unwrap();
+    wait_for("the first refusal", WAIT, || {
+        db.query_opt("SELECT 1 FROM outbox.held_messages WHERE id = $1 AND attempts >= 1", &[&poison]).unwrap().is_some()
+    });
+    // Enqueued after the poison message was refused: must not overtake it.
+    db.execute("SELECT outbox.enqueue_message($1, '\"p2\"'::jsonb, key => 'p')", &[&topic]).unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '\"b1\"'::jsonb, key => 'b')", &[&topic]).unwrap();
+    let early = read_topic(&bootstrap, &topic, 2, WAIT);
+    let mut early_payloads = payloads(&early);
+    early_payloads.sort();
+    assert_eq!(early_payloads, vec!["\"a1\"", "\"b1\""], "other keys flow while p is retried");
+    let row = db
+        .query_one("SELECT attempts, next_attempt_at > now(), last_error FROM outbox.pending_messages WHERE id = $1", &[&poison])
+        .unwrap();
+    assert!(row.get::<_, i32>(0) >= 1);
+    wait_for("the dead letter", WAIT, || {
+        db.query_opt("SELECT 1 FROM outbox.dead_letters WHERE id = $1", &[&poison]).unwrap().is_some()
+    });
+    let dead = db.query_one("SELECT attempts, last_error FROM outbox.dead_letters WHERE id = $1", &[&poison]).unwrap();
+    assert_eq!(dead.get::<_, i32>(0), 4);
+    assert!(dead.get::<_, String>(1).to_lowercase().contains("too large"), "{}", dead.get::<_, String>(1));
+    // Once p's head is out of line, its later message goes out.
+    let all = read_topic(&bootstrap, &topic, 3, WAIT);
+    assert_eq!(payloads(&all).iter().filter(|p| *p == "\"p2\"").count(), 1);
+    assert!(c.wait_until_drained(WAIT));
+}

@@ -10,7 +10,7 @@ help:
 	@echo "make install  build and install into the Postgres of PG_CONFIG=$(PG_CONFIG)"
 
 deps:
-	scripts/deps.sh build kafka tansu
+	scripts/deps.sh build kafka tansu python
 
 build:
 	scripts/deps.sh build
@@ -34,6 +34,15 @@ demo: up
 test: deps
 	scripts/install-extension.sh $(PG_CONFIG)
 	scripts/test.sh
+
+# A tarball to unpack into a Postgres 15 installation: tar -xzf pg_outbox-*.tar.gz -C /
+package:
+	scripts/deps.sh build
+	rm -rf target/package
+	scripts/install-extension.sh $(PG_CONFIG) $(CURDIR)/target/package/root
+	tar -czf target/pg_outbox-$$(sed -n "s/^default_version = '\(.*\)'/\1/p" pg_outbox.control)-pg15-$$(uname -m).tar.gz \
+	    -C target/package/root .
+	@ls -l target/pg_outbox-*.tar.gz
 
 clean:
 	cargo clean

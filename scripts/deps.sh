@@ -3,6 +3,7 @@
 #   scripts/deps.sh build   Postgres 15 + headers, clang, cargo-pgrx 0.18.0 (initialised for PG 15)
 #   scripts/deps.sh kafka   Apache Kafka broker jars from Maven Central (needs Java 17 and Maven)
 #   scripts/deps.sh tansu   Tansu, a second Kafka-compatible broker (cargo install, ~15 min cold)
+#   scripts/deps.sh python  a virtualenv with what the Python ORM example needs (PyPI)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export PATH=$HOME/.cargo/bin:$PATH
@@ -52,10 +53,19 @@ tansu() {
   fi
 }
 
-[ $# -gt 0 ] || set -- build kafka tansu
+python() {
+  local venv=$HOME/.cache/pg_outbox/venv
+  if ! "$venv/bin/python" -c "import sqlalchemy, psycopg2, confluent_kafka, pytest" 2> /dev/null; then
+    step "installing the Python example's packages into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q -r "$here/../examples/python/requirements.txt"
+  fi
+}
+
+[ $# -gt 0 ] || set -- build kafka tansu python
 for what in "$@"; do
   case $what in
-  build | kafka | tansu) "$what" ;;
-  *) echo "usage: $0 [build] [kafka] [tansu]" >&2; exit 2 ;;
+  build | kafka | tansu | python) "$what" ;;
+  *) echo "usage: $0 [build] [kafka] [tansu] [python]" >&2; exit 2 ;;
   esac
 done

@@ -10,6 +10,7 @@ tansu_port=${PG_OUTBOX_TEST_TANSU_PORT:-39094}
 export PATH=$HOME/.cargo/bin:$PATH
 
 cleanup() {
+  "$here/pg.sh" stop "$run/examples-pg" immediate || true
   "$here/kafka.sh" stop "$run/kafka" || true
   "$here/tansu.sh" stop "$run/tansu" || true
   # Clusters of tests that died before their Drop ran.
@@ -33,3 +34,11 @@ export PG_OUTBOX_TEST_KAFKA=127.0.0.1:$kafka_port PG_OUTBOX_TEST_TANSU=127.0.0.1
 
 echo "==> integration tests (real Postgres 15 clusters, real brokers)"
 cargo test -p pg_outbox_tests -- --test-threads="${PG_OUTBOX_TEST_THREADS:-2}"
+
+echo "==> ORM examples (Python + SQLAlchemy, Rust + sqlx) against a cluster of their own"
+"$here/pg.sh" start "$run/examples-pg" "${PG_OUTBOX_TEST_EXAMPLES_PORT:-39432}" "127.0.0.1:$kafka_port" shop
+export PG_OUTBOX_DSN="host=127.0.0.1 port=${PG_OUTBOX_TEST_EXAMPLES_PORT:-39432} user=postgres dbname=shop"
+export PG_OUTBOX_BOOTSTRAP=127.0.0.1:$kafka_port
+psql "$PG_OUTBOX_DSN" -qc "CREATE EXTENSION IF NOT EXISTS pg_outbox"
+(cd examples/python && "$HOME/.cache/pg_outbox/venv/bin/python" -m pytest -q -p no:cacheprovider)
+cargo run -q --manifest-path examples/rust-sqlx/Cargo.toml

@@ -1,7 +1,8 @@
 //! The C-language functions behind the SQL API in `sql/` (the SQL itself is hand-written there).
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use pgrx::datum::TimestampWithTimeZone;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgSqlErrorCode};
 
@@ -65,10 +66,51 @@ fn prepare_enqueue(topic: Option<&str>, _key: Option<&str>, headers: Option<Json
             format!("payload is {size} bytes, more than pg_outbox.max_message_bytes ({limit})"),
         );
     }
+    wake_on_commit();
+}
+
+/// Sets the worker's latch when the current transaction commits.
+#[pg_extern(name = "_wake_on_commit")]
+fn wake_on_commit() {
     if !CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
         unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
     }
     ENQUEUED_IN_XACT.store(true, Ordering::Relaxed);
+}
+
+fn interval_duration(interval: &Interval) -> Duration {
+    let micros = interval.micros() as i128
+        + interval.days() as i128 * 86_400_000_000
+        + interval.months() as i128 * 30 * 86_400_000_000;
+    Duration::from_micros(micros.clamp(0, u64::MAX as i128) as u64)
+}
+
+/// Blocks until the broker acknowledged the message (true) or the timeout passed (false). Sleeps
+/// on a condition variable the workers broadcast after recording deliveries; no busy-waiting.
+#[pg_extern(name = "wait_for_delivery")]
+fn wait_for_delivery(message_id: i64, timeout: Interval) -> bool {
+    let deadline = Instant::now() + interval_duration(&timeout);
+    let cv = shmem::delivered_cv();
+    let delivered = loop {
+        let status: Option<String> =
+            Spi::get_one_with_args("SELECT outbox.message_status($1)", &[message_id.into()]).unwrap_or_else(|e| {
+                invalid(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("cannot read message status: {e}"))
+            });
+        match status.as_deref() {
+            Some("delivered") => break true,
+            // Dead-lettered, or never committed: it will not be delivered by waiting.
+            Some("dead") | None => break false,
+            _ => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break false;
+        }
+        let nap = (deadline - now).min(Duration::from_secs(1)).as_millis().max(1) as std::ffi::c_long;
+        unsafe { pg_sys::ConditionVariableTimedSleep(cv, nap, pg_sys::PG_WAIT_EXTENSION) };
+    };
+    unsafe { pg_sys::ConditionVariableCancelSleep() };
+    delivered
 }
 
 /// The storage slot new messages go to (the DEFAULT of `outbox.messages.slot`).

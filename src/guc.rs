@@ -18,6 +18,7 @@ pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static RETRY_BACKOFF_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static RETRY_BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static ROTATION_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -142,6 +143,16 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"pg_outbox.retention",
+        c"How long delivered messages stay stored for audit and outbox.replay (0: not kept).",
+        c"Storage stays bounded: slots rotate at least every retention/2 and are truncated once their newest message is older than this.",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {
@@ -168,6 +179,18 @@ pub fn sink_config() -> Result<SinkConfig, String> {
         topic_partitions: TOPIC_PARTITIONS.get(),
         topic_replication_factor: TOPIC_REPLICATION_FACTOR.get(),
     })
+}
+
+/// Settings for a destination on another cluster: the default settings with its own bootstrap
+/// servers and librdkafka properties.
+pub fn sink_config_for(bootstrap: &str, properties: Option<&str>) -> Result<SinkConfig, String> {
+    let mut config = sink_config()?;
+    config.bootstrap_servers = bootstrap.to_string();
+    if let Some(properties) = properties {
+        config.properties = parse_properties(properties)
+            .map_err(|e| format!("invalid kafka_properties in outbox.destinations: {e}"))?;
+    }
+    Ok(config)
 }
 
 pub fn retry_backoff() -> Backoff {

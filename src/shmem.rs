@@ -15,6 +15,7 @@ const NAME_LEN: usize = 64;
 pub enum WorkerState {
     Starting,
     WaitingForExtension,
+    OutdatedExtension,
     Standby,
     Idle,
     Forwarding,
@@ -27,6 +28,7 @@ impl WorkerState {
         match self {
             WorkerState::Starting => "starting",
             WorkerState::WaitingForExtension => "waiting for CREATE EXTENSION",
+            WorkerState::OutdatedExtension => "waiting for ALTER EXTENSION pg_outbox UPDATE",
             WorkerState::Standby => "standby (read-only)",
             WorkerState::Idle => "idle",
             WorkerState::Forwarding => "forwarding",
@@ -128,13 +130,22 @@ fn copy_text(buf: &mut [u8], text: &str) {
 }
 
 #[derive(Copy, Clone)]
+#[repr(C)]
 pub struct Registry {
     pub slots: [WorkerSlot; MAX_WORKERS],
+    /// Broadcast by a worker after it recorded deliveries; `wait_for_delivery` sleeps on it.
+    /// Initialised with ConditionVariableInit() by its first user.
+    delivered: pg_sys::ConditionVariable,
+    delivered_ready: bool,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { slots: [WorkerSlot::EMPTY; MAX_WORKERS] }
+        Registry {
+            slots: [WorkerSlot::EMPTY; MAX_WORKERS],
+            delivered: pg_sys::ConditionVariable::default(),
+            delivered_ready: false,
+        }
     }
 }
 
@@ -191,6 +202,22 @@ pub fn current_slot(database_oid: u32) -> i16 {
 
 pub fn update<R>(index: usize, f: impl FnOnce(&mut WorkerSlot) -> R) -> R {
     f(&mut REGISTRY.exclusive().slots[index])
+}
+
+/// The condition variable deliveries are announced on. It lives in shared memory, so the pointer
+/// stays valid after the lock guard is gone.
+pub fn delivered_cv() -> *mut pg_sys::ConditionVariable {
+    let mut registry = REGISTRY.exclusive();
+    let cv = &mut registry.delivered as *mut pg_sys::ConditionVariable;
+    if !registry.delivered_ready {
+        unsafe { pg_sys::ConditionVariableInit(cv) };
+        registry.delivered_ready = true;
+    }
+    cv
+}
+
+pub fn announce_deliveries() {
+    unsafe { pg_sys::ConditionVariableBroadcast(delivered_cv()) };
 }
 
 pub fn snapshot() -> Vec<WorkerSlot> {

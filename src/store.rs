@@ -1,7 +1,7 @@
 //! The one place where the worker opens transactions and talks SPI. Every function here runs one
 //! short transaction and returns plain Rust values; the caller does network I/O only after it
 //! returned, with no transaction or lock held.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 
 use pgrx::prelude::*;
@@ -33,8 +33,20 @@ pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
     result
 }
 
+/// The version of the extension's SQL objects this library works with.
+pub const SQL_VERSION: &str = "0.2.0";
+
 fn extension_installed() -> bool {
     unsafe { pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// The installed version of the extension's SQL objects.
+fn extension_version(client: &pgrx::spi::SpiClient) -> SpiResult<String> {
+    Ok(client
+        .select("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox'", Some(1), &[])?
+        .first()
+        .get::<String>(1)?
+        .unwrap_or_default())
 }
 
 /// True while another session waits to drop (or rename) this database: DROP DATABASE holds an
@@ -64,6 +76,8 @@ fn database_drop_pending() -> bool {
 /// What one read transaction found.
 pub enum Work {
     NoExtension,
+    /// The SQL objects are older than this library: ALTER EXTENSION pg_outbox UPDATE is needed.
+    OutdatedExtension(String),
     DatabaseDropping,
     Batch(Batch),
 }
@@ -84,6 +98,15 @@ pub struct Batch {
     /// Seconds until the next held message falls due (if any is waiting).
     pub next_due_in: Option<f64>,
     pub current_slot: i16,
+    /// Per-topic routing from outbox.destinations.
+    pub destinations: HashMap<String, Destination>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Destination {
+    pub kafka_topic: Option<String>,
+    pub bootstrap_servers: Option<String>,
+    pub kafka_properties: Option<String>,
 }
 
 const MESSAGE_COLUMNS: &str =
@@ -114,6 +137,10 @@ pub fn read_batch(batch_size: i64) -> Work {
             return Work::DatabaseDropping;
         }
         Spi::connect(|client| -> SpiResult<Work> {
+            let version = extension_version(client)?;
+            if version != SQL_VERSION {
+                return Ok(Work::OutdatedExtension(version));
+            }
             let mut batch = Batch::default();
             let state = client
                 .select(
@@ -160,6 +187,20 @@ pub fn read_batch(batch_size: i64) -> Work {
                     batch.paused_topics.insert(t);
                 }
             }
+            for row in client.select(
+                "SELECT topic, kafka_topic, bootstrap_servers, kafka_properties FROM outbox.destinations",
+                None,
+                &[],
+            )? {
+                if let Some(topic) = row.get::<String>(1)? {
+                    let destination = Destination {
+                        kafka_topic: row.get(2)?,
+                        bootstrap_servers: row.get(3)?,
+                        kafka_properties: row.get(4)?,
+                    };
+                    batch.destinations.insert(topic, destination);
+                }
+            }
             let held_exists: bool =
                 client.select("SELECT EXISTS (SELECT 1 FROM outbox.held_messages)", Some(1), &[])?.first().get(1)?.unwrap_or(false);
             if held_exists {
@@ -171,9 +212,12 @@ pub fn read_batch(batch_size: i64) -> Work {
     })
 }
 
+/// A delayed message that is not due yet stands outside its key's line: it blocks nothing.
+const IN_LINE: &str = "NOT (h.delayed AND h.attempts = 0 AND h.next_attempt_at > now())";
+
 fn read_held(client: &pgrx::spi::SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
     for row in client.select(
-        "SELECT DISTINCT topic, key FROM outbox.held_messages WHERE key IS NOT NULL",
+        &format!("SELECT DISTINCT topic, key FROM outbox.held_messages h WHERE key IS NOT NULL AND {IN_LINE}"),
         None,
         &[],
     )? {
@@ -189,6 +233,7 @@ fn read_held(client: &pgrx::spi::SpiClient, batch: &mut Batch, batch_size: i64) 
                  SELECT DISTINCT ON (h.topic, h.key, CASE WHEN h.key IS NULL THEN h.seq END) h.*
                  FROM outbox.held_messages h
                  WHERE NOT EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = h.topic AND t.paused)
+                   AND {IN_LINE}
                  ORDER BY h.topic, h.key, CASE WHEN h.key IS NULL THEN h.seq END, h.seq
              ) head
              WHERE next_attempt_at <= now()
@@ -302,11 +347,15 @@ pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                 let refused: Vec<i64> =
                     topics.iter().map(|t| s.refused_topics.iter().filter(|d| d == t).count() as i64).collect();
                 client.update(
-                    "INSERT INTO outbox.topics AS t (topic, delivered_total, failed_attempts, last_delivered_at)
-                     SELECT topic, delivered, refused, CASE WHEN delivered > 0 THEN now() END
+                    "INSERT INTO outbox.topics AS t (topic, delivered_total, failed_attempts, last_delivered_at, delivery_rate)
+                     SELECT topic, delivered, refused, CASE WHEN delivered > 0 THEN now() END, delivered / 60.0
                      FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(topic, delivered, refused)
                      ON CONFLICT (topic) DO UPDATE
                      SET delivered_total = t.delivered_total + excluded.delivered_total,
+                         -- Deliveries per second over about the last minute, decayed.
+                         delivery_rate = t.delivery_rate
+                             * exp(-greatest(extract(epoch FROM now() - coalesce(t.last_delivered_at, now())), 0) / 60)
+                             + excluded.delivered_total / 60.0,
                          failed_attempts = t.failed_attempts + excluded.failed_attempts,
                          last_delivered_at = coalesce(excluded.last_delivered_at, t.last_delivered_at)",
                     None,
@@ -314,7 +363,7 @@ pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                 )?;
             }
             if s.window_changed {
-                let delivered = (s.delivered_topics.len() + s.delivered_held.len()) as i64;
+                let delivered = s.delivered_topics.len() as i64;
                 if s.window_continues {
                     client.update(
                         "UPDATE outbox.worker_state SET window_snapshot = $1::pg_snapshot, window_last_id = $2,
@@ -341,7 +390,7 @@ pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
 /// enough and the next one is empty, and TRUNCATEs every other slot whose messages are all
 /// settled. Returns the current slot. TRUNCATE needs an AccessExclusiveLock, taken only if it is
 /// free right now, so an enqueuer still writing to an old slot is never blocked nor lost.
-pub fn rotate(rotation_interval_secs: f64) -> Option<i16> {
+pub fn rotate(rotation_interval_secs: f64, retention_secs: f64) -> Option<i16> {
     transaction(false, || {
         if !extension_installed() {
             return None;
@@ -371,24 +420,27 @@ pub fn rotate(rotation_interval_secs: f64) -> Option<i16> {
                 if empty || !try_lock_exclusive(&table) {
                     continue;
                 }
-                let unsettled: bool = client
+                // Unsettled, or delivered but still within pg_outbox.retention.
+                let keep: bool = client
                     .select(
                         &format!(
                             "SELECT EXISTS (SELECT 1 FROM {table}
-                                            WHERE txid >= $1::xid8 OR txid = ANY ($2::xid8[]))"
+                                            WHERE txid >= $1::xid8 OR txid = ANY ($2::xid8[])
+                                               OR enqueued_at > now() - make_interval(secs => $3))"
                         ),
                         Some(1),
-                        &[done_xmax.clone().into(), done_xip.clone().into()],
+                        &[done_xmax.clone().into(), done_xip.clone().into(), retention_secs.into()],
                     )?
                     .first()
                     .get(1)?
                     .unwrap_or(true);
-                if !unsettled {
+                if !keep {
                     client.update(&format!("TRUNCATE {table}"), None, &[])?;
                 }
             }
             let next = (current + 1) % SLOTS;
-            if age >= rotation_interval_secs {
+            // Four slots must cover the retention period: rotate at least every retention / 2.
+            if age >= rotation_interval_secs.max(retention_secs / 2.0) {
                 let next_empty: bool = client
                     .select(&format!("SELECT NOT EXISTS (SELECT 1 FROM outbox.messages_{next})"), Some(1), &[])?
                     .first()

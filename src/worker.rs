@@ -1,5 +1,6 @@
 //! The forwarding worker of one database: a loop of read (short transaction) -> send (no
 //! transaction) -> record (short transaction), asleep on its latch when there is nothing to do.
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -11,7 +12,7 @@ use pg_outbox_bgworker::sink::BatchError;
 use pg_outbox_bgworker::{plan_batch, BatchOutcome, KafkaSink, OutboundMessage, SinkConfig};
 
 use crate::shmem::{self, BrokerState, WorkerState};
-use crate::store::{self, Settlement, Work};
+use crate::store::{self, Destination, Settlement, Work};
 use crate::guc;
 
 /// How often storage rotation is looked at.
@@ -48,7 +49,8 @@ struct Worker {
     slot: usize,
     database_oid: u32,
     system_identifier: u64,
-    sink: Option<KafkaSink>,
+    /// One producer per Kafka cluster: the default one, and those of outbox.destinations.
+    sinks: HashMap<SinkConfig, KafkaSink>,
     state: WorkerState,
     broker: BrokerState,
     unavailable_since: Option<Instant>,
@@ -103,15 +105,54 @@ impl Worker {
         guc::retry_backoff().after_failures(self.reconnect_failures.max(1))
     }
 
-    fn sink(&mut self) -> Result<&mut KafkaSink, String> {
-        let config: SinkConfig = guc::sink_config()?;
-        if self.sink.as_ref().is_some_and(|s| *s.config() != config) {
-            self.sink = None;
+    /// Produces `messages` through the sink of each one's destination and returns one report per
+    /// message, in order. Producers whose settings changed (SIGHUP) are replaced.
+    fn send(
+        &mut self,
+        messages: &[OutboundMessage],
+        destinations: &HashMap<String, Destination>,
+    ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
+        let default_config = guc::sink_config().map_err(BatchError::Unavailable)?;
+        // Group by cluster, keeping each group in delivery order.
+        let mut groups: Vec<(SinkConfig, Vec<usize>, Vec<OutboundMessage>)> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let destination = destinations.get(&m.topic);
+            let config = match destination.and_then(|d| d.bootstrap_servers.as_deref()) {
+                Some(bootstrap) => guc::sink_config_for(bootstrap, destination.and_then(|d| d.kafka_properties.as_deref()))
+                    .map_err(BatchError::Unavailable)?,
+                None => default_config.clone(),
+            };
+            let mut routed = m.clone();
+            if let Some(topic) = destination.and_then(|d| d.kafka_topic.clone()) {
+                routed.topic = topic;
+            }
+            match groups.iter_mut().find(|g| g.0 == config) {
+                Some(group) => {
+                    group.1.push(i);
+                    group.2.push(routed);
+                }
+                None => groups.push((config, vec![i], vec![routed])),
+            }
         }
-        if self.sink.is_none() {
-            self.sink = Some(KafkaSink::new(config)?);
+        self.sinks.retain(|config, _| groups.iter().any(|g| &g.0 == config) || *config == default_config);
+        let (sysid, dboid) = (self.system_identifier, self.database_oid);
+        let message_id = move |id: i64| global_message_id(sysid, dboid, id);
+        let mut reports: Vec<Option<Result<(), pg_outbox_bgworker::SendFailure>>> = vec![None; messages.len()];
+        for (config, indexes, routed) in groups {
+            if !self.sinks.contains_key(&config) {
+                let sink = KafkaSink::new(config.clone()).map_err(BatchError::Unavailable)?;
+                self.sinks.insert(config.clone(), sink);
+            }
+            let sink = self.sinks.get_mut(&config).ok_or_else(|| BatchError::Unavailable("no producer".into()))?;
+            let group_reports = sink.send_batch(&routed, &message_id, &stop_requested)?;
+            for (i, report) in indexes.into_iter().zip(group_reports) {
+                reports[i] = Some(report);
+            }
         }
-        self.sink.as_mut().ok_or_else(|| "no producer".to_string())
+        Ok(reports
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(pg_outbox_bgworker::SendFailure::Unavailable("not sent".into()))))
+            .collect())
     }
 
     fn maybe_rotate(&mut self) {
@@ -120,7 +161,8 @@ impl Worker {
         }
         self.last_rotation_check = Some(Instant::now());
         let interval = f64::from(guc::ROTATION_INTERVAL_MS.get()) / 1000.0;
-        if let Some(current) = store::rotate(interval) {
+        let retention = f64::from(guc::RETENTION_S.get());
+        if let Some(current) = store::rotate(interval, retention) {
             shmem::update(self.slot, |s| s.current_slot = current);
         }
     }
@@ -134,6 +176,16 @@ impl Worker {
         let batch = match store::read_batch(batch_size) {
             Work::NoExtension => {
                 self.set_state(WorkerState::WaitingForExtension);
+                return Next::Sleep(poll_interval());
+            }
+            Work::OutdatedExtension(version) => {
+                if self.state != WorkerState::OutdatedExtension {
+                    log!(
+                        "pg_outbox: the extension's SQL objects are version {version}, this library needs {}: run ALTER EXTENSION pg_outbox UPDATE",
+                        store::SQL_VERSION
+                    );
+                }
+                self.set_state(WorkerState::OutdatedExtension);
                 return Next::Sleep(poll_interval());
             }
             Work::DatabaseDropping => {
@@ -178,12 +230,7 @@ impl Worker {
         } else {
             self.set_state(WorkerState::Forwarding);
             shmem::update(self.slot, |s| s.in_flight = plan.send.len() as i32);
-            let (sysid, dboid) = (self.system_identifier, self.database_oid);
-            let message_id = move |id: i64| global_message_id(sysid, dboid, id);
-            let sent = match self.sink() {
-                Ok(sink) => sink.send_batch(&plan.send, &message_id, &stop_requested),
-                Err(e) => Err(BatchError::Unavailable(e)),
-            };
+            let sent = self.send(&plan.send, &batch.destinations);
             shmem::update(self.slot, |s| s.in_flight = 0);
             match sent {
                 Ok(reports) => reports,
@@ -197,7 +244,7 @@ impl Worker {
         let outcome = BatchOutcome::from_reports(reports);
         if let Some(fatal) = &outcome.fatal {
             log!("pg_outbox: the Kafka producer failed ({fatal}); recreating it and resending unacknowledged messages");
-            self.sink = None;
+            self.sinks.clear();
             shmem::update(self.slot, |s| s.set_last_error(fatal));
             return Next::Continue;
         }
@@ -208,6 +255,7 @@ impl Worker {
         self.broker_connected();
         settle(&mut settlement, &plan.send, &plan.hold, &outcome);
         store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
+        shmem::announce_deliveries();
         let delivered = outcome.delivered.len() as i64;
         if let Some((_, error)) = outcome.refused.first() {
             shmem::update(self.slot, |s| s.set_last_error(error));
@@ -225,10 +273,9 @@ impl Worker {
 fn settle(s: &mut Settlement, sent: &[OutboundMessage], held_back: &[OutboundMessage], outcome: &BatchOutcome) {
     for &i in &outcome.delivered {
         let m = &sent[i];
+        s.delivered_topics.push(m.topic.clone());
         if m.held {
             s.delivered_held.push(m.id);
-        } else {
-            s.delivered_topics.push(m.topic.clone());
         }
     }
     let mut hold: Vec<(i64, i32, Option<String>)> = held_back.iter().map(|m| (m.id, 0, None)).collect();
@@ -290,7 +337,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         slot,
         database_oid,
         system_identifier: unsafe { pg_sys::GetSystemIdentifier() },
-        sink: None,
+        sinks: HashMap::new(),
         state: WorkerState::Starting,
         broker: BrokerState::Unknown,
         unavailable_since: None,

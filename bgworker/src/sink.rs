@@ -12,7 +12,7 @@ use crate::message::MESSAGE_ID_HEADER;
 use crate::{OutboundMessage, SendFailure};
 
 /// Everything the sink needs to know to talk to one Kafka cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SinkConfig {
     pub bootstrap_servers: String,
     /// librdkafka properties given by the user; they override our defaults.

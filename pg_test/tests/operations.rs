@@ -1,0 +1,266 @@
+//! Operating pg_outbox from SQL: pausing topics, delayed delivery, dead-letter retries and purges,
+//! synchronous waits, retention and replay, routing, several databases, settings, upgrades.
+use std::time::{Duration, Instant};
+
+use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, Record};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn payloads(records: &[Record]) -> Vec<String> {
+    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn kafka_cluster(conf: &str) -> (Cluster, String) {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    (Cluster::start(&bootstrap, conf), bootstrap)
+}
+
+#[test]
+fn a_paused_topic_keeps_its_messages_until_resumed_and_other_topics_flow() {
+    let (c, bootstrap) = kafka_cluster("");
+    let (paused, open) = (unique("paused"), unique("open"));
+    let mut db = c.client();
+    db.execute("SELECT outbox.pause_topic($1)", &[&paused]).unwrap();
+    for i in 0..5 {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&paused, &i]).unwrap();
+    }
+    db.execute("SELECT outbox.enqueue_message($1, '\"x\"'::jsonb)", &[&open]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &open, 1, WAIT).len(), 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let row = db.query_one("SELECT paused, pending FROM outbox.topic_stats WHERE topic = $1", &[&paused]).unwrap();
+    assert_eq!((row.get::<_, bool>(0), row.get::<_, i64>(1)), (true, 5));
+    assert!(read_topic(&bootstrap, &paused, 1, Duration::from_secs(2)).is_empty());
+    db.execute("SELECT outbox.resume_topic($1)", &[&paused]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &paused, 5, WAIT)), vec!["0", "1", "2", "3", "4"]);
+}
+
+#[test]
+fn a_delayed_message_waits_for_its_time_without_blocking_its_key() {
+    let (c, bootstrap) = kafka_cluster("");
+    let topic = unique("delayed");
+    let mut db = c.client();
+    let enqueued = Instant::now();
+    db.execute("SELECT outbox.enqueue_message($1, '\"later\"'::jsonb, key => 'k', deliver_after => '2 seconds')", &[&topic])
+        .unwrap();
+    db.execute(
+        "SELECT outbox.enqueue_message($1, '\"at\"'::jsonb, key => 'k', deliver_at => now() + interval '3 seconds')",
+        &[&topic],
+    )
+    .unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '\"now\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    let first = read_topic(&bootstrap, &topic, 1, WAIT);
+    assert_eq!(payloads(&first), vec!["\"now\""]);
+    assert!(enqueued.elapsed() < Duration::from_secs(2));
+    let scheduled: i64 =
+        db.query_one("SELECT scheduled FROM outbox.topic_stats WHERE topic = $1", &[&topic]).unwrap().get(0);
+    assert_eq!(scheduled, 2);
+    let all = read_topic(&bootstrap, &topic, 3, WAIT);
+    assert!(enqueued.elapsed() >= Duration::from_secs(3));
+    assert_eq!(payloads(&all), vec!["\"now\"", "\"later\"", "\"at\""]);
+    // Rolled back delayed messages are never sent either.
+    db.batch_execute(&format!(
+        "BEGIN; SELECT outbox.enqueue_message('{topic}', '\"rolled back\"'::jsonb, deliver_after => '100ms'); ROLLBACK;"
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(read_topic(&bootstrap, &topic, 3, Duration::from_secs(3)).len(), 3);
+}
+
+#[test]
+fn dead_letters_can_be_retried_per_topic_and_purged() {
+    let (c, bootstrap) = kafka_cluster(
+        "pg_outbox.create_topics = off
+         pg_outbox.max_attempts = 1
+         pg_outbox.kafka_properties = 'topic.metadata.propagation.max.ms=1000'",
+    );
+    let (topic, other) = (unique("revived"), unique("purged"));
+    let mut db = c.client();
+    let id: i64 = db.query_one("SELECT outbox.enqueue_message($1, '\"one\"'::jsonb)", &[&topic]).unwrap().get(0);
+    db.execute("SELECT outbox.enqueue_message($1, '\"two\"'::jsonb)", &[&topic]).unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '\"x\"'::jsonb)", &[&other]).unwrap();
+    wait_for("three dead letters", WAIT, || {
+        db.query_one("SELECT count(*) FROM outbox.dead_letters", &[]).unwrap().get::<_, i64>(0) == 3
+    });
+    // The operator fixes the cause (lets the worker create topics) and puts them back in line.
+    c.reconfigure("pg_outbox.create_topics = on");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(db.query_one("SELECT outbox.retry_dead_letter($1)", &[&id]).unwrap().get::<_, bool>(0));
+    assert_eq!(db.query_one("SELECT outbox.retry_dead_letters($1)", &[&topic]).unwrap().get::<_, i32>(0), 1);
+    let records = read_topic(&bootstrap, &topic, 2, WAIT);
+    assert_eq!(payloads(&records), vec!["\"one\"", "\"two\""]);
+    assert_eq!(db.query_one("SELECT outbox.purge_dead_letters($1)", &[&other]).unwrap().get::<_, i32>(0), 1);
+    assert_eq!(db.query_one("SELECT count(*) FROM outbox.dead_letters", &[]).unwrap().get::<_, i64>(0), 0);
+}
+
+#[test]
+fn wait_for_delivery_returns_once_acknowledged_or_false_at_the_timeout() {
+    let (c, _) = kafka_cluster("pg_outbox.poll_interval = '10s'");
+    let topic = unique("sync");
+    let mut db = c.client();
+    let id: i64 = db.query_one("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap().get(0);
+    let started = Instant::now();
+    assert!(db.query_one("SELECT outbox.wait_for_delivery($1, '10 seconds')", &[&id]).unwrap().get::<_, bool>(0));
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let status: String = db.query_one("SELECT outbox.message_status($1)", &[&id]).unwrap().get(0);
+    assert_eq!(status, "delivered");
+    db.execute("SELECT outbox.pause_topic($1)", &[&topic]).unwrap();
+    let held: i64 = db.query_one("SELECT outbox.enqueue_message($1, '2'::jsonb)", &[&topic]).unwrap().get(0);
+    let started = Instant::now();
+    assert!(!db.query_one("SELECT outbox.wait_for_delivery($1, '700 milliseconds')", &[&held]).unwrap().get::<_, bool>(0));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(700) && waited < Duration::from_secs(3), "{waited:?}");
+    let never: i64 = 1_000_000;
+    assert!(!db.query_one("SELECT outbox.wait_for_delivery($1, '5 seconds')", &[&never]).unwrap().get::<_, bool>(0));
+}
+
+#[test]
+fn retained_messages_can_be_replayed_with_their_original_ids() {
+    let (c, bootstrap) = kafka_cluster("pg_outbox.retention = '1h'\npg_outbox.rotation_interval = '1s'");
+    let topic = unique("replay");
+    let mut db = c.client();
+    for i in 0..3 {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&topic, &i]).unwrap();
+    }
+    let first = read_topic(&bootstrap, &topic, 3, WAIT);
+    assert!(c.wait_until_drained(WAIT));
+    std::thread::sleep(Duration::from_secs(3));
+    let stored: i64 = db.query_one("SELECT count(*) FROM outbox.messages WHERE topic = $1", &[&topic]).unwrap().get(0);
+    assert_eq!(stored, 3, "retention keeps delivered messages across rotations");
+    let replayed: i32 = db
+        .query_one("SELECT outbox.replay($1, now() - interval '10 minutes')", &[&topic])
+        .unwrap()
+        .get(0);
+    assert_eq!(replayed, 3);
+    let all = read_topic(&bootstrap, &topic, 6, WAIT);
+    assert_eq!(payloads(&all), vec!["0", "1", "2", "0", "1", "2"]);
+    let ids: Vec<&str> = all.iter().map(Record::message_id).collect();
+    assert_eq!(ids[..3], ids[3..]);
+    assert_eq!(first.iter().map(Record::message_id).collect::<Vec<_>>(), ids[..3]);
+}
+
+#[test]
+fn a_topic_can_be_routed_to_another_topic_name_and_another_cluster() {
+    let (c, kafka) = kafka_cluster("");
+    let tansu = BrokerKind::Tansu.shared_bootstrap();
+    let (renamed, elsewhere) = (unique("renamed"), unique("elsewhere"));
+    let target = unique("renamed-target");
+    let mut db = c.client();
+    db.execute("INSERT INTO outbox.destinations (topic, kafka_topic) VALUES ($1, $2)", &[&renamed, &target]).unwrap();
+    db.execute("INSERT INTO outbox.destinations (topic, bootstrap_servers) VALUES ($1, $2)", &[&elsewhere, &tansu])
+        .unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '\"r\"'::jsonb)", &[&renamed]).unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '\"e\"'::jsonb)", &[&elsewhere]).unwrap();
+    assert_eq!(payloads(&read_topic(&kafka, &target, 1, WAIT)), vec!["\"r\""]);
+    assert_eq!(payloads(&read_topic(&tansu, &elsewhere, 1, WAIT)), vec!["\"e\""]);
+    assert!(read_topic(&kafka, &elsewhere, 1, Duration::from_secs(2)).is_empty());
+}
+
+#[test]
+fn each_database_has_its_own_worker_and_row_in_worker_status() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_with_databases(&bootstrap, "", &["shop", "billing"]);
+    let topic = unique("multi-db");
+    for db in ["shop", "billing"] {
+        let mut client = c.client_for(db);
+        client.batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+        client.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::text))", &[&topic, &db]).unwrap();
+    }
+    let mut got = payloads(&read_topic(&bootstrap, &topic, 2, WAIT));
+    got.sort();
+    assert_eq!(got, vec!["\"billing\"", "\"shop\""]);
+    let rows = c.client().query("SELECT database, pid FROM outbox.worker_status ORDER BY 1", &[]).unwrap();
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(names, vec!["billing", "shop"]);
+    assert!(rows.iter().all(|r| r.get::<_, Option<i32>>(1).is_some()));
+}
+
+#[test]
+fn settings_are_visible_and_changed_without_restarting_the_worker() {
+    let (c, bootstrap) = kafka_cluster("");
+    let pid = c.worker_pid(WAIT).unwrap();
+    let mut db = c.client();
+    db.batch_execute("ALTER SYSTEM SET pg_outbox.batch_size = 77").unwrap();
+    db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    wait_for("the new setting", WAIT, || {
+        db.query_one("SELECT setting FROM outbox.settings WHERE name = 'pg_outbox.batch_size'", &[])
+            .unwrap()
+            .get::<_, String>(0)
+            == "77"
+    });
+    let topic = unique("settings");
+    db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    assert_eq!(c.worker_pid(WAIT), Some(pid));
+    let hidden: i64 = db
+        .query_one("SELECT count(*) FROM outbox.settings WHERE name = 'pg_outbox.kafka_properties'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(hidden, 0, "the setting that may hold broker credentials is not listed");
+    db.batch_execute("SHOW pg_outbox.kafka_properties").expect("a superuser may read it");
+    db.batch_execute("CREATE ROLE ops LOGIN; GRANT outbox_reader TO ops").unwrap();
+    let mut ops = postgres::Client::connect(&c.dsn("shop").replace("user=postgres", "user=ops"), postgres::NoTls).unwrap();
+    let err = ops.batch_execute("SHOW pg_outbox.kafka_properties").unwrap_err();
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "42501");
+    assert_eq!(ops.query("SELECT * FROM outbox.settings", &[]).unwrap().len(), 13);
+}
+
+#[test]
+fn monitoring_views_count_deliveries_and_wakeups() {
+    let (c, bootstrap) = kafka_cluster("");
+    let topic = unique("monitored");
+    let mut db = c.client();
+    for i in 0..10 {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int))", &[&topic, &i]).unwrap();
+    }
+    assert_eq!(read_topic(&bootstrap, &topic, 10, WAIT).len(), 10);
+    assert!(c.wait_until_drained(WAIT));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = db
+        .query_one(
+            "SELECT pending, delivered_total, recent_rate_per_s > 0, last_delivered_at IS NOT NULL
+             FROM outbox.topic_stats WHERE topic = $1",
+            &[&topic],
+        )
+        .unwrap();
+    assert_eq!((t.get::<_, i64>(0), t.get::<_, i64>(1), t.get::<_, bool>(2), t.get::<_, bool>(3)), (0, 10, true, true));
+    let w = db
+        .query_one(
+            "SELECT state, broker_state, backlog, messages_delivered, batches > 0, wakeups_by_commit > 0, uptime > '0'
+             FROM outbox.worker_status",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(w.get::<_, String>(1), "connected");
+    assert_eq!(w.get::<_, Option<i64>>(2), Some(0));
+    assert_eq!(w.get::<_, i64>(3), 10);
+    assert!(w.get::<_, bool>(4) && w.get::<_, bool>(5) && w.get::<_, bool>(6));
+}
+
+#[test]
+fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_without_extension(&bootstrap, "");
+    let mut db = c.client();
+    db.batch_execute("CREATE EXTENSION pg_outbox VERSION '0.1.0'").unwrap();
+    let topic = unique("upgrade");
+    db.execute("SELECT outbox.enqueue_message($1, '\"before upgrade\"'::jsonb, 'k', NULL::jsonb)", &[&topic]).unwrap();
+    wait_for("the worker to ask for the update", WAIT, || {
+        db.query_opt("SELECT 1 FROM pg_stat_activity WHERE backend_type = 'pg_outbox worker'", &[]).unwrap().is_some()
+            && c.log().contains("run ALTER EXTENSION pg_outbox UPDATE")
+    });
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
+    let version: String =
+        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
+    assert_eq!(version, "0.2.0");
+    db.execute("SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')", &[&topic])
+        .unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"before upgrade\"", "\"after upgrade\""]);
+}

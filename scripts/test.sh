@@ -33,7 +33,7 @@ echo "==> starting Apache Kafka (127.0.0.1:$kafka_port) and Tansu (127.0.0.1:$ta
 export PG_OUTBOX_TEST_KAFKA=127.0.0.1:$kafka_port PG_OUTBOX_TEST_TANSU=127.0.0.1:$tansu_port
 
 echo "==> integration tests (real Postgres 15 clusters, real brokers)"
-cargo test -p pg_outbox_tests -- --test-threads="${PG_OUTBOX_TEST_THREADS:-2}"
+cargo test -p pg_outbox_tests --no-fail-fast -- --test-threads="${PG_OUTBOX_TEST_THREADS:-2}"
 
 echo "==> ORM examples (Python + SQLAlchemy, Rust + sqlx) against a cluster of their own"
 "$here/pg.sh" start "$run/examples-pg" "${PG_OUTBOX_TEST_EXAMPLES_PORT:-39432}" "127.0.0.1:$kafka_port" shop

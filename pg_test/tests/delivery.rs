@@ -98,10 +98,10 @@ fn a_prepared_transaction_is_delivered_only_after_commit_prepared(broker: Broker
     let mut db = c.client();
     let topic = unique("prepared");
     db.batch_execute(&format!(
-        "BEGIN; SELECT outbox.enqueue_message('{topic}', '\"prepared\"'::jsonb); PREPARE TRANSACTION 'p2';"
+        "BEGIN; SELECT outbox.enqueue_message('{topic}', '\"prepared\"'::jsonb, key => 'k'); PREPARE TRANSACTION 'p2';"
     ))
     .unwrap();
-    db.batch_execute(&format!("SELECT outbox.enqueue_message('{topic}', '\"marker\"'::jsonb)")).unwrap();
+    db.batch_execute(&format!("SELECT outbox.enqueue_message('{topic}', '\"marker\"'::jsonb, key => 'k')")).unwrap();
     let before = read_topic(&bootstrap, &topic, 1, WAIT);
     assert_eq!(payloads(&before), vec!["\"marker\""]);
     // Committed by another session, as a transaction manager would.

@@ -83,8 +83,9 @@ fn dead_letters_can_be_retried_per_topic_and_purged() {
     );
     let (topic, other) = (unique("revived"), unique("purged"));
     let mut db = c.client();
-    let id: i64 = db.query_one("SELECT outbox.enqueue_message($1, '\"one\"'::jsonb)", &[&topic]).unwrap().get(0);
-    db.execute("SELECT outbox.enqueue_message($1, '\"two\"'::jsonb)", &[&topic]).unwrap();
+    let id: i64 =
+        db.query_one("SELECT outbox.enqueue_message($1, '\"one\"'::jsonb, key => 'k')", &[&topic]).unwrap().get(0);
+    db.execute("SELECT outbox.enqueue_message($1, '\"two\"'::jsonb, key => 'k')", &[&topic]).unwrap();
     db.execute("SELECT outbox.enqueue_message($1, '\"x\"'::jsonb)", &[&other]).unwrap();
     wait_for("three dead letters", WAIT, || {
         db.query_one("SELECT count(*) FROM outbox.dead_letters", &[]).unwrap().get::<_, i64>(0) == 3

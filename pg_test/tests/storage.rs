@@ -64,3 +64,27 @@ fn delivered_messages_are_truncated_away_while_writers_keep_enqueueing() {
         .get(0);
     assert_eq!(dead, 0, "no dead tuples in the message tables");
 }
+
+#[test]
+fn with_retention_delivered_messages_stay_for_the_retention_period_then_go() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "pg_outbox.rotation_interval = '1s'\npg_outbox.retention = '8s'");
+    let topic = unique("retained");
+    let mut db = c.client();
+    let enqueued = Instant::now();
+    for i in 0..20 {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int))", &[&topic, &i]).unwrap();
+    }
+    assert_eq!(read_topic(&bootstrap, &topic, 20, Duration::from_secs(30)).len(), 20);
+    assert!(c.wait_until_drained(Duration::from_secs(30)));
+    let stored = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get(0)
+    };
+    assert!(enqueued.elapsed() < Duration::from_secs(6), "delivery took {:?}", enqueued.elapsed());
+    assert_eq!(stored(&mut db), 20, "delivered messages are kept during the retention period");
+    while stored(&mut db) > 0 {
+        assert!(enqueued.elapsed() < Duration::from_secs(30), "retained rows never truncated");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(enqueued.elapsed() >= Duration::from_secs(8), "gone after {:?}", enqueued.elapsed());
+}

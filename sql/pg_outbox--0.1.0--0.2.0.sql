@@ -276,6 +276,12 @@ CREATE VIEW outbox.settings AS
 SELECT name, setting, unit, context, short_desc FROM pg_catalog.pg_settings
 WHERE name LIKE 'pg_outbox.%';
 
+-- Fault injection for tests: the worker's producer fails with a fatal idempotence error on its
+-- next send (it must recreate the producer and resend from the table). Superusers only.
+CREATE FUNCTION outbox._inject_producer_fatal_error() RETURNS boolean
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'inject_producer_fatal_error_wrapper';
+REVOKE ALL ON FUNCTION outbox._inject_producer_fatal_error() FROM PUBLIC;
+
 -- Privileges ---------------------------------------------------------------------------------
 GRANT EXECUTE ON FUNCTION outbox.enqueue_message(text, jsonb, text, jsonb, interval, timestamptz),
                           outbox.enqueue_message(text, bytea, text, jsonb, interval, timestamptz),

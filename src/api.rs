@@ -113,6 +113,21 @@ fn wait_for_delivery(message_id: i64, timeout: Interval) -> bool {
     delivered
 }
 
+/// Fault injection (tests, `make reliability`): the worker of this database gets a fatal
+/// idempotent-producer error on its next send, and must recreate its producer and resend.
+#[pg_extern(name = "_inject_producer_fatal_error")]
+fn inject_producer_fatal_error() -> bool {
+    let database_oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let mut registry = shmem::REGISTRY.exclusive();
+    match registry.slots.iter_mut().find(|s| s.in_use && s.database_oid == database_oid && s.pid != 0) {
+        Some(slot) => {
+            slot.inject_fatal_error = true;
+            true
+        }
+        None => false,
+    }
+}
+
 /// The storage slot new messages go to (the DEFAULT of `outbox.messages.slot`).
 #[pg_extern(name = "_current_slot")]
 fn current_slot() -> i16 {

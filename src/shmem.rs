@@ -66,6 +66,8 @@ pub struct WorkerSlot {
     /// address in every backend); 0 while no worker runs.
     pub latch: usize,
     pub current_slot: i16,
+    /// Set by outbox._inject_producer_fatal_error(); taken by the worker before its next send.
+    pub inject_fatal_error: bool,
     pub state: WorkerState,
     pub broker: BrokerState,
     pub batches: i64,
@@ -87,6 +89,7 @@ impl WorkerSlot {
         pid: 0,
         latch: 0,
         current_slot: 0,
+        inject_fatal_error: false,
         state: WorkerState::Stopped,
         broker: BrokerState::Unknown,
         batches: 0,

@@ -163,14 +163,33 @@ pub fn read_batch(batch_size: i64) -> Work {
             batch.current_slot = state.get(6)?.unwrap_or(0);
             batch.window_changed = new_window;
 
-            let fresh = client.select(
-                &format!(
+            // A new window starts from the unsettled rows, found through the txid index (few in
+            // steady state). A window too large for one batch continues by id from where the
+            // last batch ended, through the id index (a backlog is mostly window rows in id order).
+            let query = if new_window {
+                format!(
+                    "WITH unsettled AS MATERIALIZED (
+                         SELECT id, txid FROM outbox.messages
+                         WHERE txid >= $2::xid8 OR txid = ANY ($3::xid8[])
+                     ), batch AS (
+                         SELECT id FROM unsettled
+                         WHERE id > $1 AND pg_visible_in_snapshot(txid, $4::pg_snapshot)
+                         ORDER BY id LIMIT $5
+                     )
+                     SELECT {MESSAGE_COLUMNS} FROM outbox.messages WHERE id IN (SELECT id FROM batch)
+                     ORDER BY id"
+                )
+            } else {
+                format!(
                     "SELECT {MESSAGE_COLUMNS} FROM outbox.messages
                      WHERE id > $1
                        AND (txid >= $2::xid8 OR txid = ANY ($3::xid8[]))
                        AND pg_visible_in_snapshot(txid, $4::pg_snapshot)
                      ORDER BY id LIMIT $5"
-                ),
+                )
+            };
+            let fresh = client.select(
+                &query,
                 None,
                 &[last_id.into(), done_xmax.into(), done_xip.into(), batch.window.clone().into(), batch_size.into()],
             )?;

@@ -144,6 +144,9 @@ impl Worker {
                 self.sinks.insert(config.clone(), sink);
             }
             let sink = self.sinks.get_mut(&config).ok_or_else(|| BatchError::Unavailable("no producer".into()))?;
+            if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
+                sink.inject_fatal_error();
+            }
             let group_reports = sink.send_batch(&routed, &message_id, &stop_requested)?;
             for (i, report) in indexes.into_iter().zip(group_reports) {
                 reports[i] = Some(report);

@@ -110,6 +110,18 @@ impl KafkaSink {
         self.producer.client().fatal_error().map(|(code, text)| format!("{code:?}: {text}"))
     }
 
+    /// Fault injection for tests: makes librdkafka raise a fatal idempotent-producer error
+    /// (out-of-order sequence), as a broker that lost track of the producer's sequence would.
+    pub fn inject_fatal_error(&self) {
+        unsafe {
+            rdkafka_sys::rd_kafka_test_fatal_error(
+                self.producer.client().native_ptr(),
+                rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                c"injected by outbox._inject_producer_fatal_error()".as_ptr(),
+            );
+        }
+    }
+
     /// Makes sure every topic exists, creating missing ones if allowed. A topic that does not exist
     /// and may not be created is left alone: its messages are refused by the broker and follow
     /// the retry/dead-letter path.

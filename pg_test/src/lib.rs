@@ -15,6 +15,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 pub use postgres;
 
+pub mod checker;
+
 pub fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("pg_test lives in the project").to_path_buf()
 }
@@ -108,6 +110,36 @@ impl PrivateBroker {
 
     pub fn stop(&self) {
         run(Command::new(self.script()).arg("stop").arg(&self.dir));
+    }
+
+    fn pid(&self) -> Option<String> {
+        let file = match self.kind {
+            BrokerKind::Kafka => "kafka.pid",
+            BrokerKind::Tansu => "tansu.pid",
+        };
+        std::fs::read_to_string(self.dir.join(file)).ok().map(|p| p.trim().to_string())
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").arg(format!("-{signal}")).arg(&pid).status();
+        }
+    }
+
+    /// Kills the broker process outright (its storage stays; `resume` starts it again).
+    pub fn kill(&self) {
+        self.signal("KILL");
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new(self.script()).arg("stop").arg(&self.dir).output();
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("CONT");
     }
 
     pub fn resume(&self) {

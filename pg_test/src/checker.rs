@@ -1,0 +1,639 @@
+//! A checker in the manner of Jepsen's Kafka checker. Clients run a mixed transactional workload
+//! while a fault is injected and healed; every message carries a unique value, and the ground
+//! truth (which values committed) is written in the same transactions as the enqueues. After a
+//! final drain, a Kafka consumer's view is compared with the truth: lost, phantom, duplicated,
+//! out of per-key commit order, and how long delivery took.
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::{consumer, unique, BrokerKind, Cluster, PrivateBroker};
+
+/// What the clients do.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub clients: usize,
+    pub duration: Duration,
+    pub topics: usize,
+    pub keys_per_topic: usize,
+}
+
+impl Workload {
+    pub fn short() -> Workload {
+        Workload { clients: 6, duration: Duration::from_secs(20), topics: 3, keys_per_topic: 6 }
+    }
+
+    pub fn full() -> Workload {
+        Workload { clients: 6, duration: Duration::from_secs(60), topics: 3, keys_per_topic: 8 }
+    }
+}
+
+/// The fault injected a third into the run and healed at two thirds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// The broker process is killed (SIGKILL), then started again on the same storage.
+    BrokerKilled,
+    /// The broker is frozen (SIGSTOP) for `seconds`, then resumed.
+    BrokerFrozen { seconds: u64 },
+    /// The broker is frozen for longer than the producer's message.timeout.ms (5 s here): messages
+    /// time out "possibly persisted" and must be resent without reordering a key.
+    BrokerSlowerThanMessageTimeout,
+    /// pg_terminate_backend() on the worker (SIGTERM), three times.
+    WorkerTerminated,
+    /// SIGKILL to the worker: the postmaster restarts every backend.
+    WorkerKilled,
+    /// pg_ctl stop -m immediate while forwarding, then start.
+    PostgresImmediateStop,
+    /// A fatal idempotent-producer error (out-of-order sequence) injected into librdkafka.
+    ProducerFatalError,
+    /// CREATE EXTENSION runs after the server (and its worker) started.
+    ExtensionCreatedAfterStart,
+}
+
+impl Fault {
+    pub fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            Fault::None => ("none (baseline)", "-"),
+            Fault::BrokerKilled => ("broker killed and restarted", "SIGKILL to the broker, restart on the same storage after 8 s"),
+            Fault::BrokerFrozen { .. } => ("broker frozen", "SIGSTOP to the broker for 20 s, then SIGCONT"),
+            Fault::BrokerSlowerThanMessageTimeout => (
+                "broker slower than the producer's message timeout",
+                "message.timeout.ms=5000, broker SIGSTOPped for 12 s",
+            ),
+            Fault::WorkerTerminated => ("worker terminated", "pg_terminate_backend(worker) three times, 2 s apart"),
+            Fault::WorkerKilled => ("worker killed", "SIGKILL to the worker (postmaster restarts all backends)"),
+            Fault::PostgresImmediateStop => ("Postgres stopped mid-forwarding", "pg_ctl stop -m immediate, start after 3 s"),
+            Fault::ProducerFatalError => (
+                "fatal idempotent-producer error",
+                "rd_kafka_test_fatal_error(OUT_OF_ORDER_SEQUENCE_NUMBER) via outbox._inject_producer_fatal_error()",
+            ),
+            Fault::ExtensionCreatedAfterStart => ("extension created after server start", "CREATE EXTENSION after the worker started"),
+        }
+    }
+
+    /// Whether at-least-once redelivery (duplicates) is expected from this fault.
+    pub fn may_duplicate(self) -> bool {
+        !matches!(self, Fault::None | Fault::ExtensionCreatedAfterStart | Fault::BrokerFrozen { .. })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub broker: BrokerKind,
+    pub fault: Fault,
+}
+
+impl Scenario {
+    pub fn new(broker: BrokerKind, fault: Fault) -> Scenario {
+        let name = format!("{:?}-{:?}", broker, fault).to_lowercase().replace([' ', '{', '}', ':'], "");
+        Scenario { name, broker, fault }
+    }
+}
+
+/// Every scenario the checker knows, against Apache Kafka, and the broker faults against Tansu.
+pub fn all_scenarios() -> Vec<Scenario> {
+    use BrokerKind::*;
+    let mut v = vec![
+        Scenario::new(Kafka, Fault::None),
+        Scenario::new(Kafka, Fault::BrokerKilled),
+        Scenario::new(Kafka, Fault::BrokerFrozen { seconds: 20 }),
+        Scenario::new(Kafka, Fault::BrokerSlowerThanMessageTimeout),
+        Scenario::new(Kafka, Fault::WorkerTerminated),
+        Scenario::new(Kafka, Fault::WorkerKilled),
+        Scenario::new(Kafka, Fault::PostgresImmediateStop),
+        Scenario::new(Kafka, Fault::ProducerFatalError),
+        Scenario::new(Kafka, Fault::ExtensionCreatedAfterStart),
+    ];
+    v.extend([
+        Scenario::new(Tansu, Fault::None),
+        Scenario::new(Tansu, Fault::BrokerKilled),
+        Scenario::new(Tansu, Fault::BrokerFrozen { seconds: 20 }),
+    ]);
+    v
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub scenario: String,
+    pub broker: String,
+    pub fault: String,
+    pub how: String,
+    pub committed: usize,
+    pub delivered: usize,
+    pub lost: usize,
+    pub phantom: usize,
+    pub duplicates: usize,
+    pub order_violations: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+    /// From the fault being healed (or injected, for faults that heal themselves) to the first
+    /// delivery after it.
+    pub recovery_ms: Option<f64>,
+    pub batch_size: usize,
+    pub duration_s: f64,
+    pub may_duplicate: bool,
+}
+
+impl Report {
+    /// The guarantees: nothing lost or phantom, per-key order kept, duplicates only where a
+    /// crash can make a batch go twice, at most one batch per crash.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.lost > 0 {
+            v.push(format!("{} lost", self.lost));
+        }
+        if self.phantom > 0 {
+            v.push(format!("{} phantom", self.phantom));
+        }
+        if self.order_violations > 0 {
+            v.push(format!("{} per-key order violations", self.order_violations));
+        }
+        if !self.may_duplicate && self.duplicates > 0 {
+            v.push(format!("{} duplicates without a crash", self.duplicates));
+        }
+        // Three injections at most (worker terminated three times).
+        if self.duplicates > 3 * self.batch_size {
+            v.push(format!("{} duplicates: more than the in-flight batches", self.duplicates));
+        }
+        if self.committed == 0 {
+            v.push("nothing committed".into());
+        }
+        v
+    }
+
+    pub fn markdown_row(&self) -> String {
+        let recovery = self.recovery_ms.map_or("-".to_string(), |ms| format!("{:.1} s", ms / 1000.0));
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {} |",
+            self.fault,
+            self.broker,
+            self.how,
+            self.committed,
+            self.delivered,
+            self.lost,
+            self.phantom,
+            self.duplicates,
+            self.order_violations,
+            self.latency_p50_ms,
+            self.latency_p99_ms,
+            self.latency_max_ms,
+            recovery
+        )
+    }
+}
+
+pub const MARKDOWN_HEADER: &str = "| fault | broker | how injected | committed | delivered | lost | phantom | duplicates | order violations | latency p50 / p99 / max (ms) | recovery |\n|---|---|---|---|---|---|---|---|---|---|---|";
+
+fn now_ms() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or_default()
+}
+
+/// A tiny deterministic PRNG (xorshift): the workload needs variety, not cryptography.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Received {
+    value: i64,
+    topic: String,
+    key: String,
+    n: i64,
+    at_ms: f64,
+}
+
+const BATCH_SIZE: usize = 500;
+
+/// Runs one scenario and returns its report.
+pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
+    let started = Instant::now();
+    let broker = PrivateBroker::start(scenario.broker);
+    let bootstrap = broker.bootstrap();
+    let mut conf = format!(
+        "pg_outbox.batch_size = {BATCH_SIZE}
+         pg_outbox.poll_interval = '200ms'
+         pg_outbox.retry_backoff = '200ms'
+         pg_outbox.retry_backoff_max = '2s'
+         max_connections = 50"
+    );
+    if scenario.fault == Fault::BrokerSlowerThanMessageTimeout {
+        conf.push_str("\npg_outbox.kafka_properties = 'message.timeout.ms=5000'");
+    }
+    let cluster = if scenario.fault == Fault::ExtensionCreatedAfterStart {
+        let c = Cluster::start_without_extension(&bootstrap, &conf);
+        assert!(c.worker_pid(Duration::from_secs(30)).is_some(), "worker waits for the extension");
+        std::thread::sleep(Duration::from_secs(2));
+        c.client().batch_execute("CREATE EXTENSION pg_outbox").expect("CREATE EXTENSION");
+        c
+    } else {
+        Cluster::start(&bootstrap, &conf)
+    };
+    let prefix = unique("chk");
+    let topics: Vec<String> = (0..workload.topics).map(|i| format!("{prefix}-t{i}")).collect();
+    setup_schema(&cluster, &topics, workload);
+    create_topics(&bootstrap, &topics);
+
+    let stop_consumer = Arc::new(AtomicBool::new(false));
+    let received: Arc<Mutex<Vec<Received>>> = Arc::new(Mutex::new(Vec::new()));
+    let consumer_thread = {
+        let (bootstrap, topics, stop, received) = (bootstrap.clone(), topics.clone(), stop_consumer.clone(), received.clone());
+        std::thread::spawn(move || consume(&bootstrap, &topics, &stop, &received))
+    };
+
+    let deadline = Instant::now() + workload.duration;
+    let clients: Vec<_> = (0..workload.clients)
+        .map(|c| {
+            let (dsn, topics, w) = (cluster.dsn("shop"), topics.clone(), workload.clone());
+            std::thread::spawn(move || client_loop(c, &dsn, &topics, &w, deadline))
+        })
+        .collect();
+
+    let healed_ms = inject(scenario.fault, &broker, &cluster, workload.duration);
+    let mut commit_times: HashMap<i64, f64> = HashMap::new();
+    for c in clients {
+        commit_times.extend(c.join().expect("client thread"));
+    }
+    // Prepared transactions orphaned by a crash hold row locks: a transaction manager would
+    // commit them; so does the checker (their messages then count as committed).
+    resolve_prepared(&cluster);
+    let drained = wait_drained(&cluster, Duration::from_secs(180));
+    // Let the consumer catch up: stop once nothing new arrived for 3 s.
+    let mut last_len = 0;
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(250));
+        let len = received.lock().map(|r| r.len()).unwrap_or(0);
+        if len != last_len {
+            last_len = len;
+            quiet_since = Instant::now();
+        }
+    }
+    stop_consumer.store(true, Ordering::Relaxed);
+    let _ = consumer_thread.join();
+    let records = received.lock().map(|r| r.clone()).unwrap_or_default();
+    let truth = read_truth(&cluster);
+    let (fault, how) = scenario.fault.describe();
+    let mut report = analyze(&truth, &records, &commit_times, healed_ms);
+    report.scenario = scenario.name.clone();
+    report.broker = match scenario.broker {
+        BrokerKind::Kafka => "Apache Kafka 4.1".into(),
+        BrokerKind::Tansu => "Tansu".into(),
+    };
+    report.fault = fault.into();
+    report.how = how.into();
+    report.batch_size = BATCH_SIZE;
+    report.may_duplicate = scenario.fault.may_duplicate();
+    report.duration_s = started.elapsed().as_secs_f64();
+    if !drained {
+        report.how.push_str(" (outbox not drained after 180 s)");
+    }
+    report
+}
+
+fn setup_schema(cluster: &Cluster, topics: &[String], w: &Workload) {
+    let mut db = cluster.client();
+    db.batch_execute(
+        "CREATE TABLE checker_keys (topic text, key text, n int NOT NULL DEFAULT 0, PRIMARY KEY (topic, key));
+         CREATE TABLE checker_truth (value bigint PRIMARY KEY, topic text NOT NULL, key text NOT NULL, n int NOT NULL);",
+    )
+    .expect("checker schema");
+    for t in topics {
+        for k in 0..w.keys_per_topic {
+            db.execute("INSERT INTO checker_keys (topic, key) VALUES ($1, $2)", &[t, &format!("k{k}")]).unwrap();
+        }
+        for c in 0..w.clients {
+            db.execute("INSERT INTO checker_keys (topic, key) VALUES ($1, $2)", &[t, &format!("long{c}")]).unwrap();
+        }
+    }
+}
+
+fn create_topics(bootstrap: &str, topics: &[String]) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(-1))).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    let _ = runtime.block_on(admin.create_topics(new.iter(), &AdminOptions::new()));
+}
+
+fn consume(bootstrap: &str, topics: &[String], stop: &AtomicBool, received: &Mutex<Vec<Received>>) {
+    let consumer = consumer(bootstrap);
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..3 {
+            let _ = tpl.add_partition_offset(t, p, Offset::Beginning);
+        }
+    }
+    let _ = consumer.assign(&tpl);
+    while !stop.load(Ordering::Relaxed) {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else { continue };
+        let at_ms = now_ms();
+        let Some(payload) = m.payload() else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { continue };
+        let record = Received {
+            value: v["v"].as_i64().unwrap_or(-1),
+            n: v["n"].as_i64().unwrap_or(-1),
+            topic: m.topic().to_string(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+            at_ms,
+        };
+        if let Ok(mut r) = received.lock() {
+            r.push(record);
+        }
+    }
+}
+
+/// One client: a loop of transactions of every kind until the deadline. Returns the commit time
+/// of every value whose COMMIT (or COMMIT PREPARED) returned success.
+fn client_loop(id: usize, dsn: &str, topics: &[String], w: &Workload, deadline: Instant) -> HashMap<i64, f64> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut committed = HashMap::new();
+    let mut seq: i64 = 0;
+    let mut db: Option<postgres::Client> = None;
+    while Instant::now() < deadline {
+        let client = match db.as_mut().filter(|c| !c.is_closed()) {
+            Some(c) => c,
+            None => {
+                match postgres::Client::connect(dsn, postgres::NoTls) {
+                    Ok(mut c) => {
+                        let _ = c.batch_execute("SET lock_timeout = '2s'; SET statement_timeout = '20s'");
+                        db = Some(c);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+                continue;
+            }
+        };
+        let kind = rng.below(100);
+        let mut pairs: Vec<(String, String)> = (0..=rng.below(3))
+            .map(|_| {
+                let t = &topics[rng.below(topics.len() as u64) as usize];
+                (t.clone(), format!("k{}", rng.below(w.keys_per_topic as u64)))
+            })
+            .collect();
+        pairs.sort();
+        pairs.dedup();
+        let mut next_value = || {
+            seq += 1;
+            id as i64 * 1_000_000_000 + seq
+        };
+        let result = match kind {
+            // Long transaction: enqueues first, commits late.
+            0..=4 => {
+                let t = topics[rng.below(topics.len() as u64) as usize].clone();
+                let values = vec![next_value()];
+                run_txn(client, &[(t, format!("long{id}"))], &values, |c| {
+                    std::thread::sleep(Duration::from_millis(300 + (id as u64 * 97) % 500));
+                    c.batch_execute("COMMIT").map(|_| true)
+                })
+                .map(|ok| if ok { values } else { vec![] })
+            }
+            // Rollback.
+            5..=14 => {
+                let values: Vec<i64> = pairs.iter().map(|_| next_value()).collect();
+                run_txn(client, &pairs, &values, |c| c.batch_execute("ROLLBACK").map(|_| false)).map(|_| vec![])
+            }
+            // Rollback to savepoint: the first message stays, the rest go.
+            15..=24 => {
+                let values: Vec<i64> = pairs.iter().map(|_| next_value()).collect();
+                savepoint_txn(client, &pairs, &values)
+            }
+            // A failing statement aborts the transaction.
+            25..=29 => {
+                let values: Vec<i64> = pairs.iter().map(|_| next_value()).collect();
+                let _ = run_txn(client, &pairs, &values, |c| c.batch_execute("SELECT 1/0").map(|_| false));
+                let _ = client.batch_execute("ROLLBACK");
+                Ok(vec![])
+            }
+            // Two-phase commit, then COMMIT PREPARED or ROLLBACK PREPARED.
+            30..=39 => {
+                let values: Vec<i64> = pairs.iter().map(|_| next_value()).collect();
+                let gid = format!("chk-{id}-{seq}");
+                let commit = rng.below(2) == 0;
+                run_txn(client, &pairs, &values, |c| {
+                    c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))?;
+                    let finish = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
+                    c.batch_execute(&format!("{finish} '{gid}'")).map(|_| commit)
+                })
+                .map(|ok| if ok { values } else { vec![] })
+            }
+            // Plain commit of one to three messages over topics and keys.
+            _ => {
+                let values: Vec<i64> = pairs.iter().map(|_| next_value()).collect();
+                run_txn(client, &pairs, &values, |c| c.batch_execute("COMMIT").map(|_| true))
+                    .map(|ok| if ok { values } else { vec![] })
+            }
+        };
+        match result {
+            Ok(values) => {
+                let at = now_ms();
+                for v in values {
+                    committed.insert(v, at);
+                }
+            }
+            Err(_) => {
+                if let Some(c) = db.as_mut() {
+                    if !c.is_closed() {
+                        let _ = c.batch_execute("ROLLBACK");
+                    }
+                }
+            }
+        }
+    }
+    committed
+}
+
+const ENQUEUE: &str = "WITH k AS (UPDATE checker_keys SET n = n + 1 WHERE topic = $1 AND key = $2 RETURNING n),
+                           t AS (INSERT INTO checker_truth SELECT $3, $1, $2, n FROM k RETURNING n)
+                      SELECT outbox.enqueue_message($1, jsonb_build_object('v', $3::bigint, 'n', n), key => $2) FROM t";
+
+fn run_txn(
+    c: &mut postgres::Client,
+    pairs: &[(String, String)],
+    values: &[i64],
+    finish: impl FnOnce(&mut postgres::Client) -> Result<bool, postgres::Error>,
+) -> Result<bool, postgres::Error> {
+    c.batch_execute("BEGIN")?;
+    for ((topic, key), value) in pairs.iter().zip(values) {
+        c.execute(ENQUEUE, &[topic, key, value])?;
+    }
+    finish(c)
+}
+
+fn savepoint_txn(c: &mut postgres::Client, pairs: &[(String, String)], values: &[i64]) -> Result<Vec<i64>, postgres::Error> {
+    c.batch_execute("BEGIN")?;
+    c.execute(ENQUEUE, &[&pairs[0].0, &pairs[0].1, &values[0]])?;
+    c.batch_execute("SAVEPOINT s")?;
+    for ((topic, key), value) in pairs.iter().zip(values).skip(1) {
+        c.execute(ENQUEUE, &[topic, key, value])?;
+    }
+    c.batch_execute("ROLLBACK TO SAVEPOINT s")?;
+    c.batch_execute("COMMIT")?;
+    Ok(vec![values[0]])
+}
+
+/// Injects the fault at a third of the run and heals it at two thirds; returns when (ms since
+/// the epoch) it was healed.
+fn inject(fault: Fault, broker: &PrivateBroker, cluster: &Cluster, duration: Duration) -> Option<f64> {
+    std::thread::sleep(duration / 3);
+    let injected = now_ms();
+    let healed = match fault {
+        Fault::None | Fault::ExtensionCreatedAfterStart => return None,
+        Fault::BrokerKilled => {
+            broker.kill();
+            std::thread::sleep(Duration::from_secs(8));
+            broker.resume();
+            now_ms()
+        }
+        Fault::BrokerFrozen { seconds } => {
+            broker.freeze();
+            std::thread::sleep(Duration::from_secs(seconds));
+            broker.thaw();
+            now_ms()
+        }
+        Fault::BrokerSlowerThanMessageTimeout => {
+            broker.freeze();
+            std::thread::sleep(Duration::from_secs(12));
+            broker.thaw();
+            now_ms()
+        }
+        Fault::WorkerTerminated => {
+            for _ in 0..3 {
+                if let Some(pid) = cluster.worker_pid(Duration::from_secs(10)) {
+                    let _ = cluster.client_for("postgres").execute("SELECT pg_terminate_backend($1)", &[&pid]);
+                }
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            injected
+        }
+        Fault::WorkerKilled => {
+            if let Some(pid) = cluster.worker_pid(Duration::from_secs(10)) {
+                let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+            injected
+        }
+        Fault::PostgresImmediateStop => {
+            cluster.stop("immediate");
+            std::thread::sleep(Duration::from_secs(3));
+            cluster.restart_stopped();
+            now_ms()
+        }
+        Fault::ProducerFatalError => {
+            let _ = cluster.client().execute("SELECT outbox._inject_producer_fatal_error()", &[]);
+            injected
+        }
+    };
+    Some(healed)
+}
+
+fn resolve_prepared(cluster: &Cluster) {
+    for _ in 0..50 {
+        if let Ok(mut db) = postgres::Client::connect(&cluster.dsn("shop"), postgres::NoTls) {
+            if let Ok(rows) = db.query("SELECT gid FROM pg_prepared_xacts", &[]) {
+                for row in rows {
+                    let gid: String = row.get(0);
+                    let _ = db.batch_execute(&format!("COMMIT PREPARED '{gid}'"));
+                }
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_drained(cluster: &Cluster, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(mut db) = postgres::Client::connect(&cluster.dsn("shop"), postgres::NoTls) {
+            if db.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).map(|r| r.get::<_, i64>(0) == 0).unwrap_or(false) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+struct Truth {
+    value: i64,
+}
+
+fn read_truth(cluster: &Cluster) -> Vec<Truth> {
+    let mut db = cluster.client();
+    db.query("SELECT value FROM checker_truth", &[])
+        .expect("read the truth")
+        .iter()
+        .map(|r| Truth { value: r.get(0) })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn analyze(truth: &[Truth], records: &[Received], commit_times: &HashMap<i64, f64>, healed_ms: Option<f64>) -> Report {
+    let committed: HashSet<i64> = truth.iter().map(|t| t.value).collect();
+    let mut first_seen: HashMap<i64, f64> = HashMap::new();
+    for r in records {
+        first_seen.entry(r.value).or_insert(r.at_ms);
+    }
+    let delivered = committed.iter().filter(|v| first_seen.contains_key(v)).count();
+    let phantom = first_seen.keys().filter(|v| !committed.contains(v)).count();
+    let duplicates = records.len() - first_seen.len();
+    // Per key, the counter values in the order Kafka holds them (first occurrences) must rise.
+    let mut per_key: HashMap<(String, String), Vec<i64>> = HashMap::new();
+    let mut seen = HashSet::new();
+    for r in records {
+        if seen.insert(r.value) {
+            per_key.entry((r.topic.clone(), r.key.clone())).or_default().push(r.n);
+        }
+    }
+    let order_violations =
+        per_key.values().map(|ns| ns.windows(2).filter(|w| w[1] <= w[0]).count()).sum::<usize>();
+    let mut latencies: Vec<f64> = commit_times
+        .iter()
+        .filter_map(|(v, at)| first_seen.get(v).map(|seen| (seen - at).max(0.0)))
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let recovery_ms = healed_ms.and_then(|h| {
+        records.iter().filter(|r| r.at_ms >= h).map(|r| r.at_ms - h).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+    });
+    Report {
+        committed: committed.len(),
+        delivered,
+        lost: committed.len() - delivered,
+        phantom,
+        duplicates,
+        order_violations,
+        latency_p50_ms: percentile(&latencies, 0.5),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_max_ms: latencies.last().copied().unwrap_or_default(),
+        recovery_ms,
+        ..Report::default()
+    }
+}

@@ -14,7 +14,7 @@ use pgrx::bgworkers::{
 use pgrx::prelude::*;
 use pgrx::pg_sys;
 
-use crate::guc;
+use crate::{guc, shmem};
 
 pub const WORKER_TYPE: &str = "pg_outbox worker";
 pub const LAUNCHER_TYPE: &str = "pg_outbox launcher";
@@ -107,9 +107,12 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
                     Err(BackgroundWorkerStatus::PostmasterDied) => return,
                     Err(_) => {
                         tracked.handle = None;
-                        tracked.failures = if now - tracked.started >= HEALTHY_RUN { 0 } else { tracked.failures + 1 };
+                        // An error exit backs off (1, 2, 4 ... 30 s); a worker stopped on purpose
+                        // (pg_terminate_backend, its database being dropped) comes back after 1 s.
+                        let clean = shmem::exited_cleanly(&database);
+                        tracked.failures = if clean || now - tracked.started >= HEALTHY_RUN { 0 } else { tracked.failures + 1 };
                         let delay = Duration::from_secs(1u64 << tracked.failures.min(5)).min(MAX_RESTART_DELAY);
-                        tracked.not_before = now + if tracked.failures == 0 { Duration::ZERO } else { delay };
+                        tracked.not_before = now + delay;
                     }
                 }
             }

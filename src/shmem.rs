@@ -66,6 +66,8 @@ pub struct WorkerSlot {
     /// address in every backend); 0 while no worker runs.
     pub latch: usize,
     pub current_slot: i16,
+    /// The last worker left on purpose (SIGTERM, database dropped), not on an error.
+    pub exited_cleanly: bool,
     /// Set by outbox._inject_producer_fatal_error(); taken by the worker before its next send.
     pub inject_fatal_error: bool,
     pub state: WorkerState,
@@ -89,6 +91,7 @@ impl WorkerSlot {
         pid: 0,
         latch: 0,
         current_slot: 0,
+        exited_cleanly: false,
         inject_fatal_error: false,
         state: WorkerState::Stopped,
         broker: BrokerState::Unknown,
@@ -176,6 +179,11 @@ pub fn claim_slot(database_oid: u32, database: &str) -> Option<usize> {
     }
     copy_text(&mut slot.database, database);
     Some(index)
+}
+
+/// Whether the last worker of `database` left on purpose (then it is restarted without backoff).
+pub fn exited_cleanly(database: &str) -> bool {
+    REGISTRY.share().slots.iter().any(|s| s.in_use && s.database() == database && s.exited_cleanly)
 }
 
 /// Sets the latch of the worker serving `database_oid`, if one runs.

@@ -335,6 +335,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         s.state = WorkerState::Starting;
         s.broker = BrokerState::Unknown;
         s.started_at = unsafe { pg_sys::GetCurrentTimestamp() };
+        s.exited_cleanly = false;
     });
     let mut worker = Worker {
         slot,
@@ -367,5 +368,6 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
             }
         }
     }
+    shmem::update(slot, |s| s.exited_cleanly = true);
     log!("pg_outbox: worker for database \"{database}\" stopped");
 }

@@ -80,6 +80,18 @@ impl Fault {
         }
     }
 
+    /// What the server log must show for the fault to count as injected.
+    fn evidence(self) -> Option<(&'static str, usize)> {
+        match self {
+            Fault::WorkerKilled => Some(("terminated by signal 9", 1)),
+            Fault::WorkerTerminated => Some(("worker for database \"shop\" stopped", 3)),
+            Fault::PostgresImmediateStop => Some(("received immediate shutdown request", 1)),
+            Fault::ProducerFatalError => Some(("recreating it and resending", 1)),
+            Fault::BrokerSlowerThanMessageTimeout => Some(("Kafka is unavailable", 1)),
+            _ => None,
+        }
+    }
+
     /// Whether at-least-once redelivery (duplicates) is expected from this fault.
     pub fn may_duplicate(self) -> bool {
         !matches!(self, Fault::None | Fault::ExtensionCreatedAfterStart | Fault::BrokerFrozen { .. })
@@ -143,6 +155,8 @@ pub struct Report {
     pub batch_size: usize,
     pub duration_s: f64,
     pub may_duplicate: bool,
+    /// False when the server log does not show that the fault took effect.
+    pub fault_observed: bool,
 }
 
 impl Report {
@@ -165,6 +179,9 @@ impl Report {
         // Three injections at most (worker terminated three times).
         if self.duplicates > 3 * self.batch_size {
             v.push(format!("{} duplicates: more than the in-flight batches", self.duplicates));
+        }
+        if !self.fault_observed {
+            v.push("the fault did not show in the server log".into());
         }
         if self.committed == 0 {
             v.push("nothing committed".into());
@@ -305,6 +322,7 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     report.how = how.into();
     report.batch_size = BATCH_SIZE;
     report.may_duplicate = scenario.fault.may_duplicate();
+    report.fault_observed = scenario.fault.evidence().is_none_or(|(text, times)| cluster.log().matches(text).count() >= times);
     report.duration_s = started.elapsed().as_secs_f64();
     if !drained {
         report.how.push_str(" (outbox not drained after 180 s)");

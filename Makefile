@@ -1,11 +1,12 @@
 # pg_outbox — every target installs what it needs first (each piece only if missing).
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 
-.PHONY: help deps build install up down demo test package clean
+.PHONY: help deps build install up down demo test reliability package clean
 
 help:
 	@echo "make demo     install everything, start Postgres + Kafka, run an order flow"
 	@echo "make test     run every test (unit + integration against real Postgres, Kafka, Tansu)"
+	@echo "make reliability  fault scenarios with the full workload; writes docs/RELIABILITY.md"
 	@echo "make up/down  start/stop the local Postgres 15 + Apache Kafka (prints PG_OUTBOX_DSN/BOOTSTRAP)"
 	@echo "make install  build and install into the Postgres of PG_CONFIG=$(PG_CONFIG)"
 
@@ -43,6 +44,12 @@ package:
 	tar -czf target/pg_outbox-$$(sed -n "s/^default_version = '\(.*\)'/\1/p" pg_outbox.control)-pg15-$$(uname -m).tar.gz \
 	    -C target/package/root .
 	@ls -l target/pg_outbox-*.tar.gz
+
+# The checker's fault scenarios with the full workload; regenerates docs/RELIABILITY.md.
+reliability: deps
+	scripts/install-extension.sh $(PG_CONFIG)
+	cargo build -p pg_outbox_tests --bin outbox-check
+	target/debug/outbox-check --out docs/RELIABILITY.md
 
 clean:
 	cargo clean

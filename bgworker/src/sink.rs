@@ -67,6 +67,19 @@ impl SinkConfig {
     }
 }
 
+/// A configuration error names the property but never its value: values may be credentials, and
+/// this text ends up in the server log and in outbox.worker_status.
+fn without_values(err: &KafkaError) -> String {
+    match err {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            let description =
+                if value.is_empty() { description.clone() } else { description.replace(value.as_str(), "***") };
+            format!("invalid value for property \"{key}\": {description}")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// A Kafka producer plus what it takes to drive it from the worker's single thread: a
 /// current-thread tokio runtime that awaits delivery reports (librdkafka's own threads complete
 /// them; they never touch Postgres), and the admin client that creates missing topics.
@@ -91,9 +104,10 @@ impl KafkaSink {
     pub fn new(config: SinkConfig) -> Result<KafkaSink, String> {
         let client_config = config.client_config();
         let producer: FutureProducer =
-            client_config.create().map_err(|e| format!("cannot create Kafka producer: {e}"))?;
-        let admin: AdminClient<DefaultClientContext> =
-            client_config.create().map_err(|e| format!("cannot create Kafka admin client: {e}"))?;
+            client_config.create().map_err(|e| format!("cannot create Kafka producer: {}", without_values(&e)))?;
+        let admin: AdminClient<DefaultClientContext> = client_config
+            .create()
+            .map_err(|e| format!("cannot create Kafka admin client: {}", without_values(&e)))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -273,6 +287,21 @@ mod tests {
         assert_eq!(config.get("enable.idempotence"), Some("true"));
         assert_eq!(config.get("linger.ms"), Some("20"));
         assert_eq!(config.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn a_bad_property_value_is_not_repeated_in_the_error() {
+        let err = KafkaSink::new(SinkConfig {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            properties: vec![("security.protocol".into(), "hunter2-secret".into())],
+            create_topics: false,
+            topic_partitions: 1,
+            topic_replication_factor: -1,
+        })
+        .err()
+        .expect("librdkafka rejects the value");
+        assert!(err.contains("security.protocol"), "{err}");
+        assert!(!err.contains("hunter2-secret"), "{err}");
     }
 
     #[test]

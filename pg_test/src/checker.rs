@@ -57,6 +57,15 @@ pub enum Fault {
     ProducerFatalError,
     /// CREATE EXTENSION runs after the server (and its worker) started.
     ExtensionCreatedAfterStart,
+    /// In another database with its own worker: DROP EXTENSION, CREATE EXTENSION, then DROP
+    /// DATABASE, while both workers forward. Must not hang, must not touch this database.
+    NeighbourDatabaseDropped,
+    /// The primary (synchronous replication to a hot standby) is stopped immediately; the
+    /// standby is promoted and the clients continue on it.
+    FailoverToStandby,
+    /// Three-node cluster: the leader of a busy partition is killed; 5 s later a second node:
+    /// with one in-sync replica left, writes must wait (min.insync.replicas 2) until both return.
+    LeaderThenSecondBrokerLost,
 }
 
 impl Fault {
@@ -77,6 +86,18 @@ impl Fault {
                 "rd_kafka_test_fatal_error(OUT_OF_ORDER_SEQUENCE_NUMBER) via outbox._inject_producer_fatal_error()",
             ),
             Fault::ExtensionCreatedAfterStart => ("extension created after server start", "CREATE EXTENSION after the worker started"),
+            Fault::NeighbourDatabaseDropped => (
+                "DROP EXTENSION, CREATE EXTENSION, DROP DATABASE next door",
+                "in a second database with its own worker and traffic; each must finish within 10 s",
+            ),
+            Fault::LeaderThenSecondBrokerLost => (
+                "partition leader killed, then a second broker lost",
+                "3 nodes, RF 3, min.insync.replicas 2: SIGKILL the leader of a busy partition, 5 s later another node; both restarted after 20 s",
+            ),
+            Fault::FailoverToStandby => (
+                "failover to a hot standby",
+                "synchronous standby; pg_ctl stop -m immediate on the primary, pg_ctl promote on the standby",
+            ),
         }
     }
 
@@ -94,7 +115,10 @@ impl Fault {
 
     /// Whether at-least-once redelivery (duplicates) is expected from this fault.
     pub fn may_duplicate(self) -> bool {
-        !matches!(self, Fault::None | Fault::ExtensionCreatedAfterStart | Fault::BrokerFrozen { .. })
+        !matches!(
+            self,
+            Fault::None | Fault::ExtensionCreatedAfterStart | Fault::BrokerFrozen { .. } | Fault::NeighbourDatabaseDropped
+        )
     }
 }
 
@@ -125,6 +149,9 @@ pub fn all_scenarios() -> Vec<Scenario> {
         Scenario::new(Kafka, Fault::PostgresImmediateStop),
         Scenario::new(Kafka, Fault::ProducerFatalError),
         Scenario::new(Kafka, Fault::ExtensionCreatedAfterStart),
+        Scenario::new(Kafka, Fault::NeighbourDatabaseDropped),
+        Scenario::new(Kafka, Fault::FailoverToStandby),
+        Scenario::new(KafkaCluster, Fault::LeaderThenSecondBrokerLost),
     ];
     v.extend([
         Scenario::new(Tansu, Fault::None),
@@ -258,15 +285,31 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     if scenario.fault == Fault::BrokerSlowerThanMessageTimeout {
         conf.push_str("\npg_outbox.kafka_properties = 'message.timeout.ms=5000'");
     }
-    let cluster = if scenario.fault == Fault::ExtensionCreatedAfterStart {
-        let c = Cluster::start_without_extension(&bootstrap, &conf);
-        assert!(c.worker_pid(Duration::from_secs(30)).is_some(), "worker waits for the extension");
-        std::thread::sleep(Duration::from_secs(2));
-        c.client().batch_execute("CREATE EXTENSION pg_outbox").expect("CREATE EXTENSION");
-        c
-    } else {
-        Cluster::start(&bootstrap, &conf)
+    let cluster = match scenario.fault {
+        Fault::ExtensionCreatedAfterStart => {
+            let c = Cluster::start_without_extension(&bootstrap, &conf);
+            assert!(c.worker_pid(Duration::from_secs(30)).is_some(), "worker waits for the extension");
+            std::thread::sleep(Duration::from_secs(2));
+            c.client().batch_execute("CREATE EXTENSION pg_outbox").expect("CREATE EXTENSION");
+            c
+        }
+        Fault::NeighbourDatabaseDropped => {
+            let c = Cluster::start_with_databases(&bootstrap, &conf, &["shop", "scratch"]);
+            for db in ["shop", "scratch"] {
+                c.client_for(db).batch_execute("CREATE EXTENSION pg_outbox").expect("CREATE EXTENSION");
+            }
+            c
+        }
+        _ => Cluster::start(&bootstrap, &conf),
     };
+    // The standby takes over the primary's role (and its clients) when the fault strikes.
+    let standby = (scenario.fault == Fault::FailoverToStandby).then(|| {
+        let standby = cluster.start_standby(&bootstrap);
+        // Synchronous: a commit the clients saw is on the standby, so a failover loses nothing.
+        cluster.client().batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'").expect("sync standby");
+        cluster.client().batch_execute("SELECT pg_reload_conf()").expect("reload");
+        standby
+    });
     let prefix = unique("chk");
     let topics: Vec<String> = (0..workload.topics).map(|i| format!("{prefix}-t{i}")).collect();
     setup_schema(&cluster, &topics, workload);
@@ -280,14 +323,25 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     };
 
     let deadline = Instant::now() + workload.duration;
+    let mut dsns = vec![cluster.dsn("shop")];
+    dsns.extend(standby.as_ref().map(|s| s.dsn("shop")));
     let clients: Vec<_> = (0..workload.clients)
         .map(|c| {
-            let (dsn, topics, w) = (cluster.dsn("shop"), topics.clone(), workload.clone());
-            std::thread::spawn(move || client_loop(c, &dsn, &topics, &w, deadline))
+            let (dsns, topics, w) = (dsns.clone(), topics.clone(), workload.clone());
+            std::thread::spawn(move || client_loop(c, &dsns, &topics, &w, deadline))
         })
         .collect();
+    let neighbour = (scenario.fault == Fault::NeighbourDatabaseDropped).then(|| {
+        let (dsn, topic) = (cluster.dsn("scratch"), format!("{prefix}-scratch"));
+        std::thread::spawn(move || neighbour_traffic(&dsn, &topic, deadline))
+    });
 
-    let healed_ms = inject(scenario.fault, &broker, &cluster, workload.duration);
+    let healed_ms = inject(scenario.fault, &broker, &cluster, standby.as_ref(), &topics, workload.duration);
+    if let Some(n) = neighbour {
+        let _ = n.join();
+    }
+    // After a failover the standby is the database of record.
+    let cluster = standby.as_ref().unwrap_or(&cluster);
     let mut commit_times: HashMap<i64, f64> = HashMap::new();
     for c in clients {
         commit_times.extend(c.join().expect("client thread"));
@@ -312,17 +366,19 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     let records = received.lock().map(|r| r.clone()).unwrap_or_default();
     let truth = read_truth(&cluster);
     let (fault, how) = scenario.fault.describe();
-    let mut report = analyze(&truth, &records, &commit_times, healed_ms);
+    let mut report = analyze(&truth, &records, &commit_times, healed_ms.filter(|h| !h.is_nan()));
     report.scenario = scenario.name.clone();
     report.broker = match scenario.broker {
         BrokerKind::Kafka => "Apache Kafka 4.1".into(),
         BrokerKind::Tansu => "Tansu".into(),
+        BrokerKind::KafkaCluster => "Apache Kafka 4.1, 3 nodes".into(),
     };
     report.fault = fault.into();
     report.how = how.into();
     report.batch_size = BATCH_SIZE;
     report.may_duplicate = scenario.fault.may_duplicate();
-    report.fault_observed = scenario.fault.evidence().is_none_or(|(text, times)| cluster.log().matches(text).count() >= times);
+    report.fault_observed = !healed_ms.is_some_and(f64::is_nan)
+        && scenario.fault.evidence().is_none_or(|(text, times)| cluster.log().matches(text).count() >= times);
     report.duration_s = started.elapsed().as_secs_f64();
     if !drained {
         report.how.push_str(" (outbox not drained after 180 s)");
@@ -384,7 +440,7 @@ fn consume(bootstrap: &str, topics: &[String], stop: &AtomicBool, received: &Mut
 
 /// One client: a loop of transactions of every kind until the deadline. Returns the commit time
 /// of every value whose COMMIT (or COMMIT PREPARED) returned success.
-fn client_loop(id: usize, dsn: &str, topics: &[String], w: &Workload, deadline: Instant) -> HashMap<i64, f64> {
+fn client_loop(id: usize, dsns: &[String], topics: &[String], w: &Workload, deadline: Instant) -> HashMap<i64, f64> {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
     let mut committed = HashMap::new();
     let mut seq: i64 = 0;
@@ -393,12 +449,22 @@ fn client_loop(id: usize, dsn: &str, topics: &[String], w: &Workload, deadline: 
         let client = match db.as_mut().filter(|c| !c.is_closed()) {
             Some(c) => c,
             None => {
-                match postgres::Client::connect(dsn, postgres::NoTls) {
-                    Ok(mut c) => {
-                        let _ = c.batch_execute("SET lock_timeout = '2s'; SET statement_timeout = '20s'");
-                        db = Some(c);
+                // The first server that accepts writes (after a failover: the promoted standby).
+                for dsn in dsns {
+                    if let Ok(mut c) = postgres::Client::connect(dsn, postgres::NoTls) {
+                        let writable = c
+                            .query_one("SELECT NOT pg_is_in_recovery()", &[])
+                            .map(|r| r.get::<_, bool>(0))
+                            .unwrap_or(false);
+                        if writable {
+                            let _ = c.batch_execute("SET lock_timeout = '2s'; SET statement_timeout = '20s'");
+                            db = Some(c);
+                            break;
+                        }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+                if db.is_none() {
+                    std::thread::sleep(Duration::from_millis(200));
                 }
                 continue;
             }
@@ -511,9 +577,37 @@ fn savepoint_txn(c: &mut postgres::Client, pairs: &[(String, String)], values: &
     Ok(vec![values[0]])
 }
 
+/// Enqueues in the neighbour database until it is dropped.
+fn neighbour_traffic(dsn: &str, topic: &str, deadline: Instant) {
+    while Instant::now() < deadline {
+        if let Ok(mut db) = postgres::Client::connect(dsn, postgres::NoTls) {
+            while Instant::now() < deadline
+                && db.execute("SELECT outbox.enqueue_message($1, '{\"v\": -1}'::jsonb)", &[&topic]).is_ok()
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `sql` in `database`, returning whether it finished within `limit`.
+fn finishes_within(cluster: &Cluster, database: &str, sql: &str, limit: Duration) -> bool {
+    let started = Instant::now();
+    let ok = cluster.client_for(database).batch_execute(sql).is_ok();
+    ok && started.elapsed() < limit
+}
+
 /// Injects the fault at a third of the run and heals it at two thirds; returns when (ms since
 /// the epoch) it was healed.
-fn inject(fault: Fault, broker: &PrivateBroker, cluster: &Cluster, duration: Duration) -> Option<f64> {
+fn inject(
+    fault: Fault,
+    broker: &PrivateBroker,
+    cluster: &Cluster,
+    standby: Option<&Cluster>,
+    topics: &[String],
+    duration: Duration,
+) -> Option<f64> {
     std::thread::sleep(duration / 3);
     let injected = now_ms();
     let healed = match fault {
@@ -561,8 +655,54 @@ fn inject(fault: Fault, broker: &PrivateBroker, cluster: &Cluster, duration: Dur
             let _ = cluster.client().execute("SELECT outbox._inject_producer_fatal_error()", &[]);
             injected
         }
+        Fault::NeighbourDatabaseDropped => {
+            let limit = Duration::from_secs(10);
+            let dropped_ext = finishes_within(cluster, "scratch", "DROP EXTENSION pg_outbox", limit);
+            let created_ext = finishes_within(cluster, "scratch", "CREATE EXTENSION pg_outbox", limit);
+            std::thread::sleep(Duration::from_secs(2));
+            // Its clients go; its worker (still attached) must leave by itself.
+            let _ = cluster.client_for("postgres").batch_execute(
+                "ALTER DATABASE scratch ALLOW_CONNECTIONS false;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = 'scratch' AND backend_type = 'client backend';",
+            );
+            let dropped_db = finishes_within(cluster, "postgres", "DROP DATABASE scratch", limit);
+            if !(dropped_ext && created_ext && dropped_db) {
+                eprintln!("neighbour: DROP EXTENSION {dropped_ext}, CREATE EXTENSION {created_ext}, DROP DATABASE {dropped_db}");
+                return Some(f64::NAN);
+            }
+            injected
+        }
+        Fault::LeaderThenSecondBrokerLost => {
+            let Some(leader) = leader_port(&broker.bootstrap(), &topics[0]) else { return Some(f64::NAN) };
+            let first = broker.node_of_port(leader);
+            let second = if first == 1 { 2 } else { 1 };
+            broker.kill_node(first);
+            std::thread::sleep(Duration::from_secs(5));
+            broker.kill_node(second);
+            std::thread::sleep(Duration::from_secs(15));
+            let healed = now_ms();
+            broker.start_node(first);
+            broker.start_node(second);
+            healed
+        }
+        Fault::FailoverToStandby => {
+            cluster.stop("immediate");
+            if let Some(standby) = standby {
+                standby.promote();
+            }
+            now_ms()
+        }
     };
     Some(healed)
+}
+
+/// The port of the broker leading partition 0 of `topic`.
+fn leader_port(bootstrap: &str, topic: &str) -> Option<u16> {
+    let consumer = consumer(bootstrap);
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).ok()?;
+    let leader = metadata.topics().first()?.partitions().iter().find(|p| p.id() == 0)?.leader();
+    metadata.brokers().iter().find(|b| b.id() == leader).map(|b| b.port() as u16)
 }
 
 fn resolve_prepared(cluster: &Cluster) {

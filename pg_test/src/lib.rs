@@ -35,6 +35,16 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// `n` consecutive free ports; returns the first.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let first = free_port();
+        if (2..n).all(|i| first.checked_add(i).is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())) {
+            return first;
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     // Two consecutive free ports (Kafka's controller listens on port + 1).
     loop {
@@ -65,6 +75,8 @@ fn scratch_dir(name: &str) -> PathBuf {
 pub enum BrokerKind {
     Kafka,
     Tansu,
+    /// Three Apache Kafka nodes, replication factor 3, min.insync.replicas 2 (private only).
+    KafkaCluster,
 }
 
 impl BrokerKind {
@@ -73,6 +85,7 @@ impl BrokerKind {
         let var = match self {
             BrokerKind::Kafka => "PG_OUTBOX_TEST_KAFKA",
             BrokerKind::Tansu => "PG_OUTBOX_TEST_TANSU",
+            BrokerKind::KafkaCluster => panic!("there is no shared three-node cluster; use PrivateBroker"),
         };
         std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests with `make test`"))
     }
@@ -87,7 +100,8 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     pub fn start(kind: BrokerKind) -> PrivateBroker {
-        let b = PrivateBroker { kind, dir: scratch_dir("broker"), port: free_port() };
+        let port = if kind == BrokerKind::KafkaCluster { free_ports(6) } else { free_port() };
+        let b = PrivateBroker { kind, dir: scratch_dir("broker"), port };
         b.resume();
         b
     }
@@ -101,11 +115,31 @@ impl PrivateBroker {
         script(match self.kind {
             BrokerKind::Kafka => "kafka.sh",
             BrokerKind::Tansu => "tansu.sh",
+            BrokerKind::KafkaCluster => "kafka-cluster.sh",
         })
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match self.kind {
+            BrokerKind::KafkaCluster => {
+                (0..3).map(|i| format!("127.0.0.1:{}", self.port + 2 * i)).collect::<Vec<_>>().join(",")
+            }
+            _ => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The node (1..3) of a three-node cluster that listens on `port`.
+    pub fn node_of_port(&self, port: u16) -> u16 {
+        (port - self.port) / 2 + 1
+    }
+
+    /// Three-node cluster only: SIGKILL node `n` (1..3).
+    pub fn kill_node(&self, n: u16) {
+        run(Command::new(self.script()).arg("kill-node").arg(&self.dir).arg(n.to_string()));
+    }
+
+    pub fn start_node(&self, n: u16) {
+        run(Command::new(self.script()).arg("start-node").arg(&self.dir).arg(n.to_string()));
     }
 
     pub fn stop(&self) {
@@ -116,6 +150,7 @@ impl PrivateBroker {
         let file = match self.kind {
             BrokerKind::Kafka => "kafka.pid",
             BrokerKind::Tansu => "tansu.pid",
+            BrokerKind::KafkaCluster => "node1.pid",
         };
         std::fs::read_to_string(self.dir.join(file)).ok().map(|p| p.trim().to_string())
     }
@@ -212,6 +247,44 @@ impl Cluster {
             .arg(self.port.to_string())
             .arg("unused")
             .arg(&self.database));
+    }
+
+    /// A hot standby of this cluster (pg_basebackup -R), forwarding to `bootstrap` once promoted.
+    pub fn start_standby(&self, bootstrap: &str) -> Cluster {
+        let standby = Cluster { dir: scratch_dir("pg-standby"), port: free_port(), database: self.database.clone() };
+        std::fs::create_dir_all(&standby.dir).expect("standby dir");
+        run(Command::new("chown").arg("postgres:").arg(&standby.dir));
+        run(Command::new("chmod").arg("700").arg(&standby.dir));
+        let bin = "/usr/lib/postgresql/15/bin";
+        let as_postgres = |cmd: String| {
+            run(Command::new("su").args(["postgres", "-s", "/bin/bash", "-c", &cmd]));
+        };
+        as_postgres(format!(
+            "{bin}/pg_basebackup -h 127.0.0.1 -p {} -U postgres -D '{}' -R -X stream",
+            self.port,
+            standby.dir.display()
+        ));
+        let conf = standby.dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("standby postgresql.conf");
+        text.push_str(&format!(
+            "\nport = {}\nunix_socket_directories = '{}'\npg_outbox.kafka_bootstrap_servers = '{bootstrap}'\nhot_standby = on\n",
+            standby.port,
+            standby.dir.display()
+        ));
+        std::fs::write(&conf, text).expect("write standby postgresql.conf");
+        let _ = std::fs::remove_file(standby.dir.join("postgres.log"));
+        as_postgres(format!("{bin}/pg_ctl -D '{}' -l '{}/postgres.log' -w -t 60 start", standby.dir.display(), standby.dir.display()));
+        standby
+    }
+
+    pub fn promote(&self) {
+        run(Command::new("su").args([
+            "postgres",
+            "-s",
+            "/bin/bash",
+            "-c",
+            &format!("/usr/lib/postgresql/15/bin/pg_ctl -D '{}' -w promote", self.dir.display()),
+        ]));
     }
 
     pub fn log(&self) -> String {

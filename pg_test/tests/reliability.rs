@@ -67,3 +67,18 @@ fn tansu_killed_and_restarted() {
 fn tansu_frozen_for_20_seconds() {
     check(BrokerKind::Tansu, Fault::BrokerFrozen { seconds: 20 });
 }
+
+#[test]
+fn drop_extension_and_drop_database_next_door_neither_hang_nor_leak() {
+    check(BrokerKind::Kafka, Fault::NeighbourDatabaseDropped);
+}
+
+#[test]
+fn failover_to_a_synchronous_hot_standby() {
+    check(BrokerKind::Kafka, Fault::FailoverToStandby);
+}
+
+#[test]
+fn three_node_kafka_loses_a_partition_leader_then_a_second_broker() {
+    check(BrokerKind::KafkaCluster, Fault::LeaderThenSecondBrokerLost);
+}

@@ -215,3 +215,31 @@ fn an_immediate_shutdown_loses_nothing_committed() {
     assert_eq!(distinct, (0..210).collect::<Vec<_>>());
     assert!(c.wait_until_drained(WAIT));
 }
+
+#[test]
+fn a_hot_standby_forwards_nothing_until_it_is_promoted() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    // The primary cannot reach any broker, so its messages stay pending (and replicate as such).
+    let nowhere = PrivateBroker::reserve(BrokerKind::Kafka);
+    let primary = Cluster::start(&nowhere.bootstrap(), "");
+    let topic = unique("standby");
+    enqueue_numbers(&primary, &topic, 0..5);
+    let standby = primary.start_standby(&bootstrap);
+    let mut replica = standby.client();
+    let deadline = Instant::now() + WAIT;
+    while replica.query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get::<_, i64>(0) < 5 {
+        assert!(Instant::now() < deadline, "the standby never replayed the messages");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let outbox_processes: i64 = replica
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'pg_outbox%'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(outbox_processes, 0, "nothing of pg_outbox runs on a standby");
+    assert!(read_topic(&bootstrap, &topic, 1, Duration::from_secs(2)).is_empty());
+    primary.stop("immediate");
+    standby.promote();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 5, WAIT)), numbers(0..5));
+    assert!(standby.worker_pid(WAIT).is_some());
+}

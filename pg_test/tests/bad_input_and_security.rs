@@ -1,0 +1,147 @@
+//! Input nobody should send, and people nobody should trust: each gets a clear error or works, and
+//! nothing already committed is lost.
+use std::time::Duration;
+
+use pg_outbox_tests::{read_topic, sqlstate, unique, BrokerKind, Cluster};
+
+fn connect_as(c: &Cluster, user: &str) -> postgres::Client {
+    postgres::Client::connect(&c.dsn("shop").replace("user=postgres", &format!("user={user}")), postgres::NoTls)
+        .expect("connect")
+}
+
+#[test]
+fn a_hundred_thousand_messages_in_one_transaction_are_all_delivered_in_order() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "pg_outbox.batch_size = 5000");
+    let topic = unique("bulk");
+    c.client()
+        .execute(
+            "SELECT count(outbox.enqueue_message($1, to_jsonb(i), key => (i % 4)::text)) FROM generate_series(1, 100000) i",
+            &[&topic],
+        )
+        .unwrap();
+    let records = read_topic(&bootstrap, &topic, 100_000, Duration::from_secs(120));
+    assert_eq!(records.len(), 100_000);
+    for k in 0..4 {
+        let ns: Vec<i64> = records
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(&k.to_string()))
+            .map(|r| r.json().as_i64().unwrap())
+            .collect();
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "key {k} in order");
+        assert_eq!(ns.len(), 25_000);
+    }
+    assert!(c.wait_until_drained(Duration::from_secs(30)));
+}
+
+#[test]
+fn nul_and_invalid_utf8_in_keys_and_headers_are_refused_by_postgres_itself() {
+    let c = Cluster::start(&BrokerKind::Kafka.shared_bootstrap(), "");
+    let mut db = c.client();
+    let err = db.batch_execute("SELECT outbox.enqueue_message('t', '{}'::jsonb, key => E'a\\000b')").unwrap_err();
+    assert_eq!(sqlstate(&err), "22021", "NUL in a key");
+    let err = db.batch_execute("SELECT outbox.enqueue_message('t', '{}'::jsonb, key => convert_from('\\x61ff'::bytea, 'UTF8'))").unwrap_err();
+    assert_eq!(sqlstate(&err), "22021", "invalid UTF-8 in a key");
+    let err = db.batch_execute(r#"SELECT outbox.enqueue_message('t', '{}'::jsonb, headers => '{"h": "a\u0000b"}')"#).unwrap_err();
+    assert_eq!(sqlstate(&err), "22P05", "NUL in a header value");
+    // Binary payloads may hold any byte, NUL included.
+    db.batch_execute("SELECT outbox.enqueue_message('t', '\\x00ff00'::bytea, key => 'k')").unwrap();
+    let n: i64 = db.query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get(0);
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn non_owners_cannot_drop_alter_or_read_the_outbox() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let mut admin = c.client();
+    admin.batch_execute("CREATE ROLE app LOGIN; GRANT outbox_writer TO app; CREATE ROLE ops LOGIN; GRANT outbox_reader TO ops").unwrap();
+    let topic = unique("guarded");
+    admin.execute("SELECT outbox.enqueue_message($1, '1'::jsonb, key => 'k')", &[&topic]).unwrap();
+    let mut app = connect_as(&c, "app");
+    for sql in [
+        "DROP TABLE outbox.messages",
+        "ALTER TABLE outbox.messages ADD COLUMN x int",
+        "TRUNCATE outbox.messages",
+        "DELETE FROM outbox.held_messages",
+        "UPDATE outbox.worker_state SET done_snapshot = pg_current_snapshot()",
+        "SELECT * FROM outbox.destinations",
+        "DROP FUNCTION outbox.enqueue_message(text, jsonb, text, jsonb, interval, timestamptz)",
+        "SELECT outbox.pause_topic('x')",
+        "SELECT outbox.purge_dead_letters()",
+        "SELECT outbox._inject_producer_fatal_error()",
+        "DROP EXTENSION pg_outbox",
+    ] {
+        let err = app.batch_execute(sql).expect_err(sql);
+        assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
+    }
+    let mut ops = connect_as(&c, "ops");
+    ops.batch_execute("SELECT * FROM outbox.topic_stats; SELECT * FROM outbox.worker_status; SELECT * FROM outbox.pending_messages")
+        .expect("outbox_reader reads the views");
+    assert_eq!(sqlstate(&ops.batch_execute("SELECT outbox.enqueue_message('t', '1'::jsonb)").unwrap_err()), "42501");
+    // All that left the committed message alone.
+    assert_eq!(read_topic(&bootstrap, &topic, 1, Duration::from_secs(30)).len(), 1);
+}
+
+#[test]
+fn a_user_schema_cannot_hijack_the_functions_through_search_path() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let mut admin = c.client();
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN; GRANT outbox_writer TO app; CREATE SCHEMA evil AUTHORIZATION app;",
+        )
+        .unwrap();
+    let mut app = connect_as(&c, "app");
+    // Shadow functions and operators the enqueue code uses; SECURITY DEFINER code must not call them.
+    app.batch_execute(
+        "CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql AS $$ SELECT 'epoch'::timestamptz $$;
+         CREATE FUNCTION evil.octet_length(jsonb) RETURNS int LANGUAGE sql AS $$ SELECT 0 $$;
+         CREATE TABLE evil.messages (id bigint);
+         SET search_path = evil, public;",
+    )
+    .unwrap();
+    let id: i64 = app
+        .query_one("SELECT outbox.enqueue_message('hijack', '{\"a\": 1}'::jsonb)", &[])
+        .unwrap()
+        .get(0);
+    let row = admin
+        .query_one("SELECT enqueued_at > now() - interval '1 minute' FROM outbox.messages WHERE id = $1", &[&id])
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the real now() was used");
+    let shadow: i64 = admin.query_one("SELECT count(*) FROM evil.messages", &[]).unwrap().get(0);
+    assert_eq!(shadow, 0);
+}
+
+#[test]
+fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let secret = "s3cr3t-Passw0rd";
+    // A SASL configuration the broker does not speak: the worker reports an error, without the secret.
+    let c = Cluster::start(
+        &bootstrap,
+        &format!(
+            "pg_outbox.kafka_properties = 'security.protocol=SASL_PLAINTEXT;sasl.mechanism=PLAIN;sasl.username=outbox;sasl.password={secret};ssl.key.password={secret}'"
+        ),
+    );
+    let mut admin = c.client();
+    admin.batch_execute("CREATE ROLE ops LOGIN; GRANT outbox_reader TO ops").unwrap();
+    admin.execute("SELECT outbox.enqueue_message('creds', '1'::jsonb)", &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let mut ops = connect_as(&c, "ops");
+    assert_eq!(sqlstate(&ops.batch_execute("SHOW pg_outbox.kafka_properties").unwrap_err()), "42501");
+    let visible: Vec<String> = ops
+        .query(
+            "SELECT coalesce(setting, '') FROM pg_settings WHERE name LIKE 'pg_outbox%'
+             UNION ALL SELECT coalesce(last_error, '') FROM outbox.worker_status
+             UNION ALL SELECT coalesce(setting, '') FROM outbox.settings",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(visible.iter().all(|v| !v.contains(secret)), "{visible:?}");
+    assert!(!c.log().contains(secret), "the secret reached the server log");
+}

@@ -287,11 +287,9 @@ GRANT EXECUTE ON FUNCTION outbox.enqueue_message(text, jsonb, text, jsonb, inter
                           outbox.enqueue_message(text, bytea, text, jsonb, interval, timestamptz),
                           outbox.wait_for_delivery(bigint, interval),
                           outbox.message_status(bigint) TO outbox_writer;
-REVOKE ALL ON FUNCTION outbox._store_message(text, text, bytea, jsonb, jsonb, timestamptz),
-                       outbox._wake_on_commit(), outbox._revive(bigint[]), outbox.pause_topic(text),
-                       outbox.resume_topic(text), outbox.retry_dead_letter(bigint),
-                       outbox.retry_dead_letters(text), outbox.purge_dead_letters(text, interval),
-                       outbox.replay(text, timestamptz) FROM PUBLIC;
+-- New functions are executable by PUBLIC by default: take that back, then grant what each role needs.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
 GRANT SELECT ON outbox.pending_messages, outbox.topic_stats, outbox.worker_status, outbox.settings
     TO outbox_reader;
 GRANT EXECUTE ON FUNCTION outbox.message_status(bigint) TO outbox_reader;

@@ -36,7 +36,7 @@ build() {
 }
 
 kafka() {
-  if [ ! -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]; then
+  if [ ! -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] || ! ls "$KAFKA_LIBS"/log4j-slf4j-impl-*.jar > /dev/null 2>&1; then
     command -v java > /dev/null || apt_install openjdk-17-jre-headless
     command -v mvn > /dev/null || apt_install maven
     step "fetching Apache Kafka $KAFKA_VERSION from Maven Central"

@@ -2,6 +2,8 @@
 # A one-node Apache Kafka (KRaft) on loopback, as Kafka's own scripts run it.
 #   scripts/kafka.sh start DIR PORT   (idempotent; storage persists in DIR across restarts)
 #   scripts/kafka.sh stop DIR
+# With KAFKA_TLS=1 the client listener speaks TLS (a self-signed certificate for 127.0.0.1 whose
+# PEM is written to DIR/ca.pem, for the clients' ssl.ca.location).
 set -euo pipefail
 cmd=$1 dir=$2
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,13 +17,32 @@ start)
   if running; then exit 0; fi
   [ -d "$libs" ] || { echo "Kafka jars missing in $libs: run scripts/deps.sh kafka" >&2; exit 1; }
   mkdir -p "$dir/data"
+  proto=PLAINTEXT
+  if [ "${KAFKA_TLS:-0}" = 1 ] || [ -f "$dir/broker.p12" ]; then
+    proto=SSL
+    if [ ! -f "$dir/broker.p12" ]; then
+      keytool -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity 30 -dname "CN=127.0.0.1" \
+        -ext "SAN=IP:127.0.0.1,DNS:localhost" -keystore "$dir/broker.p12" -storetype PKCS12 \
+        -storepass changeit -keypass changeit > /dev/null 2>&1
+      keytool -exportcert -alias broker -keystore "$dir/broker.p12" -storepass changeit -rfc \
+        -file "$dir/ca.pem" > /dev/null 2>&1
+    fi
+  fi
   cat > "$dir/server.properties" <<CONF
 process.roles=broker,controller
 node.id=1
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=$proto://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=$proto://127.0.0.1:$port
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=$proto
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SSL:SSL,CONTROLLER:PLAINTEXT
+ssl.keystore.location=$dir/broker.p12
+ssl.keystore.type=PKCS12
+ssl.keystore.password=changeit
+ssl.key.password=changeit
+ssl.truststore.location=$dir/broker.p12
+ssl.truststore.type=PKCS12
+ssl.truststore.password=changeit
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
 log.dirs=$dir/data
 num.partitions=3

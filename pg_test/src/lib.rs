@@ -106,6 +106,17 @@ impl PrivateBroker {
         b
     }
 
+    /// An Apache Kafka broker whose client listener speaks TLS; its certificate is `ca_pem()`.
+    pub fn start_tls() -> PrivateBroker {
+        let b = PrivateBroker { kind: BrokerKind::Kafka, dir: scratch_dir("broker-tls"), port: free_port() };
+        run(Command::new(b.script()).env("KAFKA_TLS", "1").arg("start").arg(&b.dir).arg(b.port.to_string()));
+        b
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
     /// A broker address nobody listens on yet (start it later with `resume`).
     pub fn reserve(kind: BrokerKind) -> PrivateBroker {
         PrivateBroker { kind, dir: scratch_dir("broker"), port: free_port() }
@@ -378,7 +389,16 @@ impl Record {
 }
 
 pub fn consumer(bootstrap: &str) -> BaseConsumer {
-    ClientConfig::new()
+    consumer_with(bootstrap, &[])
+}
+
+/// A consumer with extra librdkafka properties (e.g. TLS settings).
+pub fn consumer_with(bootstrap: &str, properties: &[(&str, &str)]) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    for (k, v) in properties {
+        config.set(*k, *v);
+    }
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("pg-outbox-test"))
         .set("enable.auto.commit", "false")
@@ -401,7 +421,18 @@ pub fn read_topic_settled(
     timeout: Duration,
     settle: Duration,
 ) -> Vec<Record> {
-    let consumer = consumer(bootstrap);
+    read_topic_with(bootstrap, &[], topic, expected, timeout, settle)
+}
+
+pub fn read_topic_with(
+    bootstrap: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Record> {
+    let consumer = consumer_with(bootstrap, properties);
     let deadline = Instant::now() + timeout;
     // The topic may not exist yet: wait for its metadata.
     let partitions = loop {

@@ -145,3 +145,22 @@ fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
     assert!(visible.iter().all(|v| !v.contains(secret)), "{visible:?}");
     assert!(!c.log().contains(secret), "the secret reached the server log");
 }
+
+#[test]
+fn the_worker_talks_tls_to_a_broker_that_requires_it() {
+    let broker = pg_outbox_tests::PrivateBroker::start_tls();
+    let ca = broker.ca_pem().display().to_string();
+    let c = Cluster::start(
+        &broker.bootstrap(),
+        &format!("pg_outbox.kafka_properties = 'security.protocol=SSL;ssl.ca.location={ca}'"),
+    );
+    let topic = unique("tls");
+    c.client().execute("SELECT outbox.enqueue_message($1, '\"over TLS\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    let tls = [("security.protocol", "SSL"), ("ssl.ca.location", ca.as_str())];
+    let records =
+        pg_outbox_tests::read_topic_with(&broker.bootstrap(), &tls, &topic, 1, Duration::from_secs(60), Duration::from_millis(500));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].json(), serde_json::json!("over TLS"));
+    // A plaintext client gets nothing from that listener.
+    assert!(read_topic(&broker.bootstrap(), &topic, 1, Duration::from_secs(3)).is_empty());
+}

@@ -1,0 +1,577 @@
+//! `make bench`: measures pg_outbox against a bare INSERT, the broker's raw produce rate, and the
+//! hand-made outbox most services have (scheme 2: a plain table plus a relay that polls it with
+//! FOR UPDATE SKIP LOCKED), on a local Postgres 15 and Apache Kafka. Writes
+//! target/bench/results.json and docs/BENCHMARKS.md. Sizes come from the environment (BENCH_*),
+//! so a quick run and the full one use the same code.
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pg_outbox_tests::{consumer, BrokerKind, Cluster, PrivateBroker};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn now_s() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+fn step(text: &str) {
+    println!("==> {text}");
+}
+
+/// The 300-byte order event every benchmark sends.
+fn payload(i: u64) -> String {
+    let body = format!("{{\"order_id\": {i}, \"customer\": \"c{}\", \"total\": 99.50, \"pad\": \"", i % 1000);
+    format!("{body}{}\"}}", "x".repeat(300 - body.len() - 2))
+}
+
+struct Bench {
+    cluster: Cluster,
+    broker: PrivateBroker,
+    results: BTreeMap<String, f64>,
+    notes: Vec<String>,
+    batch_size: usize,
+}
+
+impl Bench {
+    fn pgbench(&self, script: &str, args: &[&str]) -> String {
+        let file = self.cluster.dir.parent().expect("dir").join(format!("bench-{}.sql", std::process::id()));
+        std::fs::write(&file, script).expect("write pgbench script");
+        let out = Command::new(PGBENCH)
+            .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.cluster.port.to_string())
+            .args(args)
+            .arg("-f")
+            .arg(&file)
+            .arg("shop")
+            .output()
+            .expect("run pgbench");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "pgbench failed: {text}");
+        text
+    }
+
+    fn tps(output: &str) -> f64 {
+        output
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn sql(&self, sql: &str) {
+        self.cluster.client().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn scalar_f64(&self, sql: &str) -> f64 {
+        self.cluster.client().query_one(sql, &[]).map(|r| r.get::<_, f64>(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    fn delivered(&self, topic: &str) -> i64 {
+        self.cluster
+            .client()
+            .query_opt("SELECT delivered_total FROM outbox.topic_stats WHERE topic = $1", &[&topic])
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.get(0))
+    }
+
+    /// 1. Enqueue overhead: (a) an order INSERT, (b) plus enqueue_message, (c) plus a plain INSERT
+    /// of the same payload; alternating rounds, median of each.
+    fn enqueue_overhead(&mut self) {
+        let rounds = env_usize("BENCH_ROUNDS", 3);
+        let seconds = env_usize("BENCH_PGBENCH_SECONDS", 15).to_string();
+        let clients = env_usize("BENCH_CLIENTS", 8).to_string();
+        let pad = "x".repeat(230);
+        let order = "\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\n".to_string();
+        let scripts = [
+            ("tps_order", format!("{order}COMMIT;\n")),
+            (
+                "tps_enqueue",
+                format!("{order}SELECT outbox.enqueue_message('bench.orders', jsonb_build_object('order_id', :c, 'total', 99.50, 'pad', '{pad}'), key => :c::text);\nCOMMIT;\n"),
+            ),
+            (
+                "tps_plain_insert",
+                format!("{order}INSERT INTO bench_plain_outbox (topic, key, payload) VALUES ('bench.orders', :c::text, jsonb_build_object('order_id', :c, 'total', 99.50, 'pad', '{pad}'));\nCOMMIT;\n"),
+            ),
+        ];
+        let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for round in 1..=rounds {
+            for (name, script) in &scripts {
+                step(&format!("enqueue overhead, round {round}/{rounds}: {name} ({seconds} s, {clients} clients)"));
+                let tps = Bench::tps(&self.pgbench(script, &["-c", &clients, "-j", "2", "-T", &seconds]));
+                println!("    {tps:.0} tps");
+                samples.entry(name).or_default().push(tps);
+            }
+        }
+        for (name, mut v) in samples {
+            v.sort_by(f64::total_cmp);
+            self.results.insert(name.into(), v[v.len() / 2]);
+        }
+        let r = &self.results;
+        let (a, b, c) = (r["tps_order"], r["tps_enqueue"], r["tps_plain_insert"]);
+        self.results.insert("enqueue_vs_plain_insert".into(), b / c);
+        self.results.insert("enqueue_vs_order".into(), b / a);
+    }
+
+    /// 2. Drain: N pending messages over 16 keys, forwarded from first to last ack.
+    fn drain(&mut self) {
+        let n = env_usize("BENCH_DRAIN_MESSAGES", 1_000_000);
+        step(&format!("drain: raw rdkafka producer, {n} messages of 300 bytes over 16 keys"));
+        let raw = raw_produce(&self.broker.bootstrap(), "bench.raw", n);
+        self.results.insert("raw_broker_msgs_per_s".into(), raw);
+        println!("    {raw:.0} msg/s");
+
+        step(&format!("drain: pg_outbox, {n} pending messages (broker stopped while they are enqueued)"));
+        self.broker.stop();
+        let chunk = 100_000.min(n);
+        let mut done = 0;
+        while done < n {
+            let this = chunk.min(n - done);
+            self.sql(&format!(
+                "SELECT count(outbox.enqueue_message('bench.drain', jsonb_build_object('order_id', i, 'total', 99.50, 'pad', repeat('x', 240)), key => (i % 16)::text)) FROM generate_series({}, {}) i",
+                done + 1,
+                done + this
+            ));
+            done += this;
+        }
+        self.broker.resume();
+        let (first, last) = wait_delivered(|| self.delivered("bench.drain"), n as i64, Duration::from_secs(3600));
+        let ours = n as f64 / (last - first).max(0.001);
+        println!("    {ours:.0} msg/s");
+        self.results.insert("drain_msgs_per_s".into(), ours);
+
+        step(&format!("drain: scheme-2 relay (plain table, FOR UPDATE SKIP LOCKED, batches of {})", self.batch_size));
+        self.sql(&format!(
+            "INSERT INTO bench_relay (key, payload) SELECT (i % 16)::text, jsonb_build_object('order_id', i, 'total', 99.50, 'pad', repeat('x', 240)) FROM generate_series(1, {n}) i"
+        ));
+        let relay = Relay::new(&self.cluster.dsn("shop"), &self.broker.bootstrap(), "bench_relay", "bench.relay", self.batch_size);
+        let started = Instant::now();
+        let (first, last) = relay.drain(n);
+        let relay_rate = n as f64 / (last - first).max(0.001);
+        println!("    {relay_rate:.0} msg/s ({:.0} s)", started.elapsed().as_secs_f64());
+        self.results.insert("relay_msgs_per_s".into(), relay_rate);
+        self.results.insert("drain_vs_raw".into(), ours / raw);
+        self.results.insert("drain_vs_relay".into(), ours / relay_rate);
+    }
+
+    /// 3. Latency at a steady rate of one-message transactions: commit to consumer.
+    fn latency(&mut self) {
+        let rate = env_usize("BENCH_LATENCY_TPS", 1000).to_string();
+        let seconds = env_usize("BENCH_LATENCY_SECONDS", 30);
+        let pad = "x".repeat(230);
+        step(&format!("latency: pg_outbox at {rate} tx/s for {seconds} s"));
+        let probe = LatencyProbe::start(&self.broker.bootstrap(), "bench.latency");
+        // The timestamp is taken by the last statement before COMMIT: the figure includes the
+        // commit itself (an fsync with synchronous_commit on).
+        self.pgbench(
+            &format!("\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\nSELECT outbox.enqueue_message('bench.latency', jsonb_build_object('t', extract(epoch FROM clock_timestamp()), 'pad', '{pad}'), key => :c::text);\nCOMMIT;\n"),
+            &["-c", "4", "-j", "2", "-R", &rate, "-T", &seconds.to_string()],
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let (p50, p99, max) = probe.finish();
+        println!("    p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
+        self.results.insert("latency_p50_ms".into(), p50);
+        self.results.insert("latency_p99_ms".into(), p99);
+        self.results.insert("latency_max_ms".into(), max);
+
+        step(&format!("latency: scheme-2 relay polling every 100 ms, at {rate} tx/s for {seconds} s"));
+        let probe = LatencyProbe::start(&self.broker.bootstrap(), "bench.relay_latency");
+        let stop = Arc::new(AtomicBool::new(false));
+        let relay = {
+            let (dsn, bootstrap, stop, batch) =
+                (self.cluster.dsn("shop"), self.broker.bootstrap(), stop.clone(), self.batch_size);
+            std::thread::spawn(move || {
+                Relay::new(&dsn, &bootstrap, "bench_relay_latency", "bench.relay_latency", batch).poll(&stop)
+            })
+        };
+        self.pgbench(
+            &format!("\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\nINSERT INTO bench_relay_latency (key, payload) VALUES (:c::text, jsonb_build_object('t', extract(epoch FROM clock_timestamp()), 'pad', '{pad}'));\nCOMMIT;\n"),
+            &["-c", "4", "-j", "2", "-R", &rate, "-T", &seconds.to_string()],
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+        let _ = relay.join();
+        let (_, relay_p99, _) = probe.finish();
+        println!("    relay p99 {relay_p99:.1} ms");
+        self.results.insert("relay_latency_p99_ms".into(), relay_p99);
+    }
+
+    fn outbox_bytes(&self) -> f64 {
+        self.scalar_f64(
+            "SELECT sum(pg_total_relation_size(c.oid))::float8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'outbox' AND c.relkind = 'r'",
+        )
+    }
+
+    fn worker_rss_kb(&self) -> f64 {
+        let pid = self.cluster.worker_pid(Duration::from_secs(10)).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// 4. Sustained load: enqueue as fast as the machine takes while the worker forwards.
+    fn sustained(&mut self) {
+        let n = env_usize("BENCH_SUSTAINED_MESSAGES", 5_000_000);
+        let clients = env_usize("BENCH_CLIENTS", 8);
+        let pad = "x".repeat(230);
+        step(&format!("sustained: {n} messages enqueued by {clients} clients as fast as possible"));
+        let script = format!("\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\nSELECT outbox.enqueue_message('bench.sustained', jsonb_build_object('order_id', :c, 'pad', '{pad}'), key => :c::text);\nCOMMIT;\n");
+        let warm = 100_000.min(n / 10).max(1);
+        self.pgbench(&script, &["-c", &clients.to_string(), "-j", "2", "-t", &(warm / clients).to_string()]);
+        let storage_start = self.outbox_bytes();
+        let rss_start = self.worker_rss_kb();
+        let stop = Arc::new(AtomicBool::new(false));
+        let max_backlog = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let (dsn, stop, max_backlog) = (self.cluster.dsn("shop"), stop.clone(), max_backlog.clone());
+            std::thread::spawn(move || {
+                let mut db = postgres::Client::connect(&dsn, postgres::NoTls).expect("sampler");
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(row) = db.query_one("SELECT count(*) FROM outbox.pending_messages", &[]) {
+                        max_backlog.fetch_max(row.get::<_, i64>(0) as u64, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            })
+        };
+        let out = self.pgbench(&script, &["-c", &clients.to_string(), "-j", "2", "-P", "10", "-t", &((n - warm) / clients).to_string()]);
+        stop.store(true, Ordering::Relaxed);
+        let _ = sampler.join();
+        let progress: Vec<f64> = out
+            .lines()
+            .filter(|l| l.starts_with("progress:"))
+            .filter_map(|l| l.split(',').next()?.split_whitespace().nth(3)?.parse().ok())
+            .collect();
+        let minute = 6.min(progress.len() / 2).max(1);
+        let first: f64 = progress.iter().take(minute).sum::<f64>() / minute as f64;
+        let last: f64 = progress.iter().rev().take(minute).sum::<f64>() / minute as f64;
+        let (_, _) = wait_delivered(|| self.delivered("bench.sustained"), n as i64, Duration::from_secs(3600));
+        std::thread::sleep(Duration::from_secs(5));
+        let storage_end = self.outbox_bytes();
+        let rss_end = self.worker_rss_kb();
+        println!(
+            "    tps first {first:.0} / last {last:.0}; storage {:.1} MB -> {:.1} MB; worker RSS {rss_start:.0} kB -> {rss_end:.0} kB; max backlog {}",
+            storage_start / 1e6,
+            storage_end / 1e6,
+            max_backlog.load(Ordering::Relaxed)
+        );
+        self.results.insert("sustained_messages".into(), n as f64);
+        self.results.insert("max_backlog".into(), max_backlog.load(Ordering::Relaxed) as f64);
+        self.results.insert("storage_growth_ratio".into(), storage_end / storage_start.max(1.0));
+        self.results.insert("tps_end_vs_start".into(), last / first.max(1.0));
+        self.results.insert("worker_rss_growth_ratio".into(), rss_end / rss_start.max(1.0));
+    }
+
+    /// 5. The enqueue + forward rate while a REPEATABLE READ transaction elsewhere pins the xmin
+    /// horizon, against the same run without it.
+    fn xmin_pinned(&mut self) {
+        let seconds = env_usize("BENCH_XMIN_SECONDS", 120);
+        let clients = env_usize("BENCH_CLIENTS", 8).to_string();
+        let pad = "x".repeat(230);
+        let script = format!("\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\nSELECT outbox.enqueue_message('bench.xmin', jsonb_build_object('order_id', :c, 'pad', '{pad}'), key => :c::text);\nCOMMIT;\n");
+        let dead = |b: &Bench| {
+            b.scalar_f64("SELECT coalesce(sum(n_dead_tup), 0)::float8 FROM pg_stat_user_tables WHERE schemaname = 'outbox'")
+        };
+        let mut rates = Vec::new();
+        for pinned in [false, true] {
+            step(&format!("xmin: enqueue + forward for {seconds} s, {}", if pinned { "xmin pinned" } else { "clean" }));
+            let mut holder = self.cluster.client();
+            if pinned {
+                holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class;").unwrap();
+            }
+            let (dead_before, size_before, delivered_before) = (dead(self), self.outbox_bytes(), self.delivered("bench.xmin"));
+            let tps = Bench::tps(&self.pgbench(&script, &["-c", &clients, "-j", "2", "-T", &seconds.to_string()]));
+            let forwarded = (self.delivered("bench.xmin") - delivered_before) as f64 / seconds as f64;
+            let (dead_after, size_after) = (dead(self), self.outbox_bytes());
+            if pinned {
+                holder.batch_execute("COMMIT").unwrap();
+            }
+            println!(
+                "    {tps:.0} tps, {forwarded:.0} msg/s forwarded; dead tuples {dead_before:.0} -> {dead_after:.0}; outbox {:.1} MB -> {:.1} MB",
+                size_before / 1e6,
+                size_after / 1e6
+            );
+            let key = if pinned { "pinned" } else { "clean" };
+            self.results.insert(format!("xmin_{key}_tps"), tps);
+            self.results.insert(format!("xmin_{key}_forwarded_per_s"), forwarded);
+            self.results.insert(format!("xmin_{key}_dead_tuples_after"), dead_after);
+            self.results.insert(format!("xmin_{key}_outbox_mb_after"), size_after / 1e6);
+            rates.push(tps.min(forwarded.max(1.0)));
+        }
+        self.results.insert("xmin_pinned_vs_clean".into(), rates[1] / rates[0].max(1.0));
+    }
+}
+
+/// Waits until `delivered()` reaches `n`; returns (first delivery, last delivery) in seconds.
+fn wait_delivered(delivered: impl Fn() -> i64, n: i64, timeout: Duration) -> (f64, f64) {
+    let deadline = Instant::now() + timeout;
+    let start = delivered();
+    let mut first = None;
+    loop {
+        let d = delivered();
+        if d > start && first.is_none() {
+            first = Some(now_s());
+        }
+        if d - start >= n || d >= n || Instant::now() > deadline {
+            return (first.unwrap_or_else(now_s), now_s());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Acks {
+    count: AtomicU64,
+    errors: AtomicU64,
+    first: Mutex<Option<f64>>,
+    last: Mutex<f64>,
+}
+
+struct AckCounter(Arc<Acks>);
+
+impl ClientContext for AckCounter {}
+
+impl ProducerContext for AckCounter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let acks = &self.0;
+        if result.is_ok() {
+            let now = now_s();
+            if let Ok(mut f) = acks.first.lock() {
+                f.get_or_insert(now);
+            }
+            if let Ok(mut l) = acks.last.lock() {
+                *l = now;
+            }
+            acks.count.fetch_add(1, Ordering::Relaxed);
+        } else {
+            acks.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn producer_config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // pg_outbox's producer defaults.
+    c.set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "30000");
+    c
+}
+
+/// The broker's limit: a standalone rdkafka producer with pg_outbox's settings, as fast as it goes.
+fn raw_produce(bootstrap: &str, topic: &str, n: usize) -> f64 {
+    let acks = Arc::new(Acks { count: AtomicU64::new(0), errors: AtomicU64::new(0), first: Mutex::new(None), last: Mutex::new(0.0) });
+    let producer: ThreadedProducer<AckCounter> =
+        producer_config(bootstrap).create_with_context(AckCounter(acks.clone())).expect("raw producer");
+    for i in 0..n as u64 {
+        let (key, body) = ((i % 16).to_string(), payload(i));
+        let mut record = BaseRecord::to(topic).key(&key).payload(&body);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    while acks.count.load(Ordering::Relaxed) + acks.errors.load(Ordering::Relaxed) < n as u64 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let first = acks.first.lock().ok().and_then(|f| *f).unwrap_or_default();
+    let last = acks.last.lock().map(|l| *l).unwrap_or_default();
+    n as f64 / (last - first).max(0.001)
+}
+
+/// Scheme 2: a relay process polling a plain table.
+struct Relay {
+    db: postgres::Client,
+    producer: rdkafka::producer::FutureProducer,
+    table: String,
+    topic: String,
+    batch: usize,
+}
+
+impl Relay {
+    fn new(dsn: &str, bootstrap: &str, table: &str, topic: &str, batch: usize) -> Relay {
+        Relay {
+            db: postgres::Client::connect(dsn, postgres::NoTls).expect("relay connection"),
+            producer: producer_config(bootstrap).create().expect("relay producer"),
+            table: table.into(),
+            topic: topic.into(),
+            batch,
+        }
+    }
+
+    /// One batch: claim, send, wait for acks, mark sent. Returns how many it sent.
+    fn batch(&mut self, runtime: &tokio::runtime::Runtime) -> usize {
+        let mut tx = self.db.transaction().expect("relay transaction");
+        let rows = tx
+            .query(
+                &format!("SELECT id, key, payload::text FROM {} WHERE NOT sent ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", self.table),
+                &[&(self.batch as i64)],
+            )
+            .expect("relay select");
+        let mut futures = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (id, key, body): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+            let record = rdkafka::producer::FutureRecord::to(&self.topic).key(&key).payload(&body);
+            futures.push(self.producer.send_result(record).map_err(|(e, _)| e).expect("relay send"));
+            ids.push(id);
+        }
+        for f in futures {
+            let _ = runtime.block_on(f);
+        }
+        tx.execute(&format!("UPDATE {} SET sent = true WHERE id = ANY ($1)", self.table), &[&ids]).expect("relay update");
+        tx.commit().expect("relay commit");
+        rows.len()
+    }
+
+    fn drain(mut self, n: usize) -> (f64, f64) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        let first = now_s();
+        let mut sent = 0;
+        while sent < n {
+            let k = self.batch(&runtime);
+            if k == 0 {
+                break;
+            }
+            sent += k;
+        }
+        (first, now_s())
+    }
+
+    fn poll(mut self, stop: &AtomicBool) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        while !stop.load(Ordering::Relaxed) {
+            if self.batch(&runtime) == 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// A consumer at the end of a topic that computes receive time minus the payload's "t".
+struct LatencyProbe {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<f64>>,
+}
+
+impl LatencyProbe {
+    fn start(bootstrap: &str, topic: &str) -> LatencyProbe {
+        let admin_consumer = consumer(bootstrap);
+        let _ = admin_consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (bootstrap, topic, flag) = (bootstrap.to_string(), topic.to_string(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let c = consumer(&bootstrap);
+            let mut assigned = false;
+            let mut latencies = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                if !assigned {
+                    if let Ok(m) = c.fetch_metadata(Some(&topic), Duration::from_secs(1)) {
+                        if let Some(t) = m.topics().iter().find(|t| t.error().is_none() && !t.partitions().is_empty()) {
+                            let mut tpl = TopicPartitionList::new();
+                            for p in t.partitions() {
+                                let _ = tpl.add_partition_offset(&topic, p.id(), Offset::Beginning);
+                            }
+                            assigned = c.assign(&tpl).is_ok();
+                        }
+                    }
+                    continue;
+                }
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+                    let now = now_s();
+                    if let Some(t) = m
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                        .and_then(|v| v["t"].as_f64())
+                    {
+                        latencies.push((now - t) * 1000.0);
+                    }
+                }
+            }
+            latencies
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        LatencyProbe { stop, handle }
+    }
+
+    fn finish(self) -> (f64, f64, f64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut l = self.handle.join().unwrap_or_default();
+        l.sort_by(f64::total_cmp);
+        let p = |q: f64| if l.is_empty() { 0.0 } else { l[((l.len() - 1) as f64 * q) as usize] };
+        (p(0.5), p(0.99), l.last().copied().unwrap_or_default())
+    }
+}
+
+fn main() {
+    let batch_size = env_usize("BENCH_BATCH_SIZE", 5000);
+    step("starting Apache Kafka and Postgres 15 for the benchmark");
+    let broker = PrivateBroker::start(BrokerKind::Kafka);
+    // fsync and synchronous_commit on: the durability users run with.
+    let cluster = Cluster::start(
+        &broker.bootstrap(),
+        &format!(
+            "fsync = on
+             synchronous_commit = on
+             shared_buffers = '1GB'
+             max_wal_size = '4GB'
+             pg_outbox.batch_size = {batch_size}
+             pg_outbox.poll_interval = '100ms'
+             pg_outbox.retry_backoff_max = '1s'"
+        ),
+    );
+    let mut bench = Bench { cluster, broker, results: BTreeMap::new(), notes: Vec::new(), batch_size };
+    bench.sql(
+        "CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer int NOT NULL, total numeric NOT NULL, created_at timestamptz DEFAULT now());
+         CREATE TABLE bench_plain_outbox (id bigserial PRIMARY KEY, topic text NOT NULL, key text, payload jsonb NOT NULL, created_at timestamptz DEFAULT now(), sent boolean NOT NULL DEFAULT false);
+         CREATE TABLE bench_relay (id bigserial PRIMARY KEY, key text, payload jsonb NOT NULL, sent boolean NOT NULL DEFAULT false);
+         CREATE INDEX ON bench_relay (id) WHERE NOT sent;
+         CREATE TABLE bench_relay_latency (LIKE bench_relay INCLUDING ALL);",
+    );
+    let sections: Vec<String> = std::env::var("BENCH_SECTIONS")
+        .unwrap_or_else(|_| "enqueue,drain,latency,sustained,xmin".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    for s in &sections {
+        match s.as_str() {
+            "enqueue" => bench.enqueue_overhead(),
+            "drain" => bench.drain(),
+            "latency" => bench.latency(),
+            "sustained" => bench.sustained(),
+            "xmin" => bench.xmin_pinned(),
+            other => eprintln!("unknown section {other}"),
+        }
+    }
+    bench.notes.push("Debezium comparison (section 6) not implemented yet.".into());
+    std::fs::create_dir_all("target/bench").expect("target/bench");
+    let json = serde_json::to_string_pretty(&bench.results).expect("json");
+    std::fs::write("target/bench/results.json", &json).expect("write results.json");
+    println!("{json}");
+    for n in &bench.notes {
+        println!("note: {n}");
+    }
+}

@@ -1,12 +1,13 @@
 # pg_outbox — every target installs what it needs first (each piece only if missing).
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 
-.PHONY: help deps build install up down demo test reliability package clean
+.PHONY: help deps build install up down demo test reliability bench package clean
 
 help:
 	@echo "make demo     install everything, start Postgres + Kafka, run an order flow"
 	@echo "make test     run every test (unit + integration against real Postgres, Kafka, Tansu)"
 	@echo "make reliability  fault scenarios with the full workload; writes docs/RELIABILITY.md"
+	@echo "make bench        benchmarks (target/bench/results.json)"
 	@echo "make up/down  start/stop the local Postgres 15 + Apache Kafka (prints PG_OUTBOX_DSN/BOOTSTRAP)"
 	@echo "make install  build and install into the Postgres of PG_CONFIG=$(PG_CONFIG)"
 
@@ -50,6 +51,14 @@ reliability: deps
 	scripts/install-extension.sh $(PG_CONFIG)
 	cargo build -p pg_outbox_tests --bin outbox-check
 	target/debug/outbox-check --out docs/RELIABILITY.md
+
+# Benchmarks against a bare INSERT, the broker's raw rate and a scheme-2 relay; sizes from BENCH_*
+# (see docs/BENCHMARKS.md). Writes target/bench/results.json.
+bench: deps
+	scripts/install-extension.sh $(PG_CONFIG)
+	@echo "==> building the benchmark driver (release)"
+	cargo build --release -p pg_outbox_tests --bin outbox-bench
+	target/release/outbox-bench
 
 clean:
 	cargo clean

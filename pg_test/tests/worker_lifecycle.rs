@@ -41,6 +41,10 @@ fn the_worker_and_launcher_show_in_pg_stat_activity() {
 fn sigterm_stops_the_worker_promptly_and_the_launcher_starts_it_again() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     let c = Cluster::start(&bootstrap, "");
+    let before = unique("before-sigterm");
+    enqueue_numbers(&c, &before, 0..3);
+    assert_eq!(read_topic(&bootstrap, &before, 3, WAIT).len(), 3);
+    assert!(c.wait_until_drained(WAIT));
     let pid = c.worker_pid(WAIT).unwrap();
     let sent = Instant::now();
     c.client().execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
@@ -55,6 +59,11 @@ fn sigterm_stops_the_worker_promptly_and_the_launcher_starts_it_again() {
     let topic = unique("after-sigterm");
     enqueue_numbers(&c, &topic, 0..3);
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    // The worker's figures outlive the worker process.
+    assert!(c.wait_until_drained(WAIT));
+    std::thread::sleep(Duration::from_millis(300));
+    let delivered: i64 = c.client().query_one("SELECT messages_delivered FROM outbox.worker_status", &[]).unwrap().get(0);
+    assert_eq!(delivered, 6);
 }
 
 #[test]

@@ -209,24 +209,6 @@ $$;
 
 -- Monitoring --------------------------------------------------------------------------------
 
-CREATE OR REPLACE VIEW outbox.pending_messages AS
-WITH state AS (
-    SELECT done_snapshot, window_snapshot, window_last_id,
-           pg_snapshot_xmax(done_snapshot) AS done_xmax,
-           ARRAY(SELECT pg_snapshot_xip(done_snapshot)) AS done_xip
-    FROM outbox.worker_state
-)
-SELECT m.id, m.topic, m.key, m.enqueued_at, 0 AS attempts, NULL::timestamptz AS next_attempt_at,
-       NULL::text AS last_error
-FROM outbox.messages m, state s
-WHERE (m.txid >= s.done_xmax OR m.txid = ANY (s.done_xip))
-  AND NOT (s.window_snapshot IS NOT NULL
-           AND pg_visible_in_snapshot(m.txid, s.window_snapshot)
-           AND m.id <= s.window_last_id)
-UNION ALL
-SELECT h.id, h.topic, h.key, h.enqueued_at, h.attempts, h.next_attempt_at, h.last_error
-FROM outbox.held_messages h;
-
 DROP VIEW outbox.topic_stats;
 CREATE VIEW outbox.topic_stats AS
 WITH pending AS (

@@ -92,8 +92,8 @@ fn wait_for_delivery(message_id: i64, timeout: Interval) -> bool {
     let deadline = Instant::now() + interval_duration(&timeout);
     let cv = shmem::delivered_cv();
     let delivered = loop {
-        let status: Option<String> =
-            Spi::get_one_with_args("SELECT outbox.message_status($1)", &[message_id.into()]).unwrap_or_else(|e| {
+        let status: Option<String> = Spi::get_one_with_args("SELECT outbox.message_status($1)", &[message_id.into()])
+            .unwrap_or_else(|e| {
                 invalid(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("cannot read message status: {e}"))
             });
         match status.as_deref() {

@@ -1,12 +1,11 @@
 //! Settings (`pg_outbox.*`). The worker re-reads them on SIGHUP (`SELECT pg_reload_conf()`).
 use std::ffi::CString;
 
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pg_outbox_bgworker::{parse_properties, Backoff, SinkConfig};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
-pub static BOOTSTRAP_SERVERS: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
+pub static BOOTSTRAP_SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
 pub static KAFKA_PROPERTIES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -161,17 +160,13 @@ fn string(setting: &GucSetting<Option<CString>>) -> String {
 
 /// The databases named in `pg_outbox.database`.
 pub fn databases() -> Vec<String> {
-    string(&DATABASES)
-        .split(',')
-        .map(|d| d.trim().to_string())
-        .filter(|d| !d.is_empty())
-        .collect()
+    string(&DATABASES).split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect()
 }
 
 /// The sink settings as they are now, or a message saying which setting is wrong.
 pub fn sink_config() -> Result<SinkConfig, String> {
-    let properties = parse_properties(&string(&KAFKA_PROPERTIES))
-        .map_err(|e| format!("invalid pg_outbox.kafka_properties: {e}"))?;
+    let properties =
+        parse_properties(&string(&KAFKA_PROPERTIES)).map_err(|e| format!("invalid pg_outbox.kafka_properties: {e}"))?;
     Ok(SinkConfig {
         bootstrap_servers: string(&BOOTSTRAP_SERVERS),
         properties,

@@ -11,8 +11,8 @@ use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
     SignalWakeFlags,
 };
-use pgrx::prelude::*;
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 use crate::{guc, shmem};
 
@@ -110,7 +110,8 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
                         // An error exit backs off (1, 2, 4 ... 30 s); a worker stopped on purpose
                         // (pg_terminate_backend, its database being dropped) comes back after 1 s.
                         let clean = shmem::exited_cleanly(&database);
-                        tracked.failures = if clean || now - tracked.started >= HEALTHY_RUN { 0 } else { tracked.failures + 1 };
+                        tracked.failures =
+                            if clean || now - tracked.started >= HEALTHY_RUN { 0 } else { tracked.failures + 1 };
                         let delay = Duration::from_secs(1u64 << tracked.failures.min(5)).min(MAX_RESTART_DELAY);
                         tracked.not_before = now + delay;
                     }

@@ -190,11 +190,7 @@ pub fn exited_cleanly(database: &str) -> bool {
 pub fn wake_worker(database_oid: u32) {
     let latch = {
         let registry = REGISTRY.share();
-        registry
-            .slots
-            .iter()
-            .find(|s| s.in_use && s.database_oid == database_oid && s.latch != 0)
-            .map(|s| s.latch)
+        registry.slots.iter().find(|s| s.in_use && s.database_oid == database_oid && s.latch != 0).map(|s| s.latch)
     };
     if let Some(latch) = latch {
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
@@ -203,12 +199,7 @@ pub fn wake_worker(database_oid: u32) {
 
 /// The storage slot that enqueuers of this database write to (0 until a worker has published it).
 pub fn current_slot(database_oid: u32) -> i16 {
-    REGISTRY
-        .share()
-        .slots
-        .iter()
-        .find(|s| s.in_use && s.database_oid == database_oid)
-        .map_or(0, |s| s.current_slot)
+    REGISTRY.share().slots.iter().find(|s| s.in_use && s.database_oid == database_oid).map_or(0, |s| s.current_slot)
 }
 
 pub fn update<R>(index: usize, f: impl FnOnce(&mut WorkerSlot) -> R) -> R {

@@ -4,8 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 
-use pgrx::prelude::*;
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 use pg_outbox_bgworker::{parse_headers, OutboundMessage};
 
@@ -220,8 +220,11 @@ pub fn read_batch(batch_size: i64) -> Work {
                     batch.destinations.insert(topic, destination);
                 }
             }
-            let held_exists: bool =
-                client.select("SELECT EXISTS (SELECT 1 FROM outbox.held_messages)", Some(1), &[])?.first().get(1)?.unwrap_or(false);
+            let held_exists: bool = client
+                .select("SELECT EXISTS (SELECT 1 FROM outbox.held_messages)", Some(1), &[])?
+                .first()
+                .get(1)?
+                .unwrap_or(false);
             if held_exists {
                 read_held(client, &mut batch, batch_size)?;
             }

@@ -4,16 +4,16 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
-use pgrx::prelude::*;
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 use pg_outbox_bgworker::message::global_message_id;
 use pg_outbox_bgworker::sink::BatchError;
 use pg_outbox_bgworker::{plan_batch, BatchOutcome, KafkaSink, OutboundMessage, SinkConfig};
 
+use crate::guc;
 use crate::shmem::{self, BrokerState, WorkerState};
 use crate::store::{self, Destination, Settlement, Work};
-use crate::guc;
 
 /// How often storage rotation is looked at.
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
@@ -118,8 +118,10 @@ impl Worker {
         for (i, m) in messages.iter().enumerate() {
             let destination = destinations.get(&m.topic);
             let config = match destination.and_then(|d| d.bootstrap_servers.as_deref()) {
-                Some(bootstrap) => guc::sink_config_for(bootstrap, destination.and_then(|d| d.kafka_properties.as_deref()))
-                    .map_err(BatchError::Unavailable)?,
+                Some(bootstrap) => {
+                    guc::sink_config_for(bootstrap, destination.and_then(|d| d.kafka_properties.as_deref()))
+                        .map_err(BatchError::Unavailable)?
+                }
                 None => default_config.clone(),
             };
             let mut routed = m.clone();
@@ -208,8 +210,7 @@ impl Worker {
         };
         // Fresh messages in delivery order, with where they went (Some(index in plan.send)).
         let fresh_ids: Vec<i64> = {
-            let mut ids: Vec<i64> =
-                plan.send.iter().skip(retry_count).chain(plan.hold.iter()).map(|m| m.id).collect();
+            let mut ids: Vec<i64> = plan.send.iter().skip(retry_count).chain(plan.hold.iter()).map(|m| m.id).collect();
             ids.sort_unstable();
             ids
         };
@@ -221,9 +222,9 @@ impl Worker {
             }
             self.maybe_rotate();
             self.set_state(WorkerState::Idle);
-            let wait = batch.next_due_in.map_or(poll_interval(), |secs| {
-                Duration::from_secs_f64(secs.max(0.001)).min(poll_interval())
-            });
+            let wait = batch
+                .next_due_in
+                .map_or(poll_interval(), |secs| Duration::from_secs_f64(secs.max(0.001)).min(poll_interval()));
             shmem::update(self.slot, |s| s.wakeups_empty += 1);
             return Next::Sleep(wait);
         }

@@ -27,9 +27,7 @@ pub fn plan_batch(
     let mut plan = Plan { send: retries, hold: Vec::new() };
     for m in fresh {
         let blocked = paused_topics.contains(&m.topic)
-            || m.key
-                .as_ref()
-                .is_some_and(|k| blocked_keys.contains(&(m.topic.clone(), k.clone())));
+            || m.key.as_ref().is_some_and(|k| blocked_keys.contains(&(m.topic.clone(), k.clone())));
         if blocked {
             plan.hold.push(m);
         } else {

@@ -32,14 +32,27 @@ impl SendFailure {
 pub fn classify(code: RDKafkaErrorCode, text: String) -> SendFailure {
     use RDKafkaErrorCode::*;
     match code {
-        Fatal | OutOfOrderSequenceNumber | InvalidProducerEpoch | UnknownProducerId
-        | ProducerFenced | InvalidProducerIdMapping => SendFailure::Fatal(text),
-        MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge | InvalidMessage
-        | InvalidTopic | TopicAuthorizationFailed | ClusterAuthorizationFailed
-        | PolicyViolation | InvalidRecord | InvalidRequiredAcks | UnsupportedForMessageFormat
-        | UnknownTopic | UnknownTopicOrPartition | UnknownPartition | InvalidArgument => {
-            SendFailure::Refused(text)
-        }
+        Fatal
+        | OutOfOrderSequenceNumber
+        | InvalidProducerEpoch
+        | UnknownProducerId
+        | ProducerFenced
+        | InvalidProducerIdMapping => SendFailure::Fatal(text),
+        MessageSizeTooLarge
+        | InvalidMessageSize
+        | MessageBatchTooLarge
+        | InvalidMessage
+        | InvalidTopic
+        | TopicAuthorizationFailed
+        | ClusterAuthorizationFailed
+        | PolicyViolation
+        | InvalidRecord
+        | InvalidRequiredAcks
+        | UnsupportedForMessageFormat
+        | UnknownTopic
+        | UnknownTopicOrPartition
+        | UnknownPartition
+        | InvalidArgument => SendFailure::Refused(text),
         _ => SendFailure::Unavailable(text),
     }
 }
@@ -129,10 +142,7 @@ mod tests {
 
     #[test]
     fn idempotence_breakage_recreates_the_producer() {
-        assert!(matches!(
-            classify(RDKafkaErrorCode::OutOfOrderSequenceNumber, String::new()),
-            SendFailure::Fatal(_)
-        ));
+        assert!(matches!(classify(RDKafkaErrorCode::OutOfOrderSequenceNumber, String::new()), SendFailure::Fatal(_)));
     }
 
     #[test]

@@ -105,9 +105,8 @@ impl KafkaSink {
         let client_config = config.client_config();
         let producer: FutureProducer =
             client_config.create().map_err(|e| format!("cannot create Kafka producer: {}", without_values(&e)))?;
-        let admin: AdminClient<DefaultClientContext> = client_config
-            .create()
-            .map_err(|e| format!("cannot create Kafka admin client: {}", without_values(&e)))?;
+        let admin: AdminClient<DefaultClientContext> =
+            client_config.create().map_err(|e| format!("cannot create Kafka admin client: {}", without_values(&e)))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

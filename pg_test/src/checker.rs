@@ -43,7 +43,9 @@ pub enum Fault {
     /// The broker process is killed (SIGKILL), then started again on the same storage.
     BrokerKilled,
     /// The broker is frozen (SIGSTOP) for `seconds`, then resumed.
-    BrokerFrozen { seconds: u64 },
+    BrokerFrozen {
+        seconds: u64,
+    },
     /// The broker is frozen for longer than the producer's message.timeout.ms (5 s here): messages
     /// time out "possibly persisted" and must be resent without reordering a key.
     BrokerSlowerThanMessageTimeout,
@@ -117,7 +119,10 @@ impl Fault {
     pub fn may_duplicate(self) -> bool {
         !matches!(
             self,
-            Fault::None | Fault::ExtensionCreatedAfterStart | Fault::BrokerFrozen { .. } | Fault::NeighbourDatabaseDropped
+            Fault::None
+                | Fault::ExtensionCreatedAfterStart
+                | Fault::BrokerFrozen { .. }
+                | Fault::NeighbourDatabaseDropped
         )
     }
 }
@@ -318,7 +323,8 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     let stop_consumer = Arc::new(AtomicBool::new(false));
     let received: Arc<Mutex<Vec<Received>>> = Arc::new(Mutex::new(Vec::new()));
     let consumer_thread = {
-        let (bootstrap, topics, stop, received) = (bootstrap.clone(), topics.clone(), stop_consumer.clone(), received.clone());
+        let (bootstrap, topics, stop, received) =
+            (bootstrap.clone(), topics.clone(), stop_consumer.clone(), received.clone());
         std::thread::spawn(move || consume(&bootstrap, &topics, &stop, &received))
     };
 
@@ -348,8 +354,8 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     }
     // Prepared transactions orphaned by a crash hold row locks: a transaction manager would
     // commit them; so does the checker (their messages then count as committed).
-    resolve_prepared(&cluster);
-    let drained = wait_drained(&cluster, Duration::from_secs(180));
+    resolve_prepared(cluster);
+    let drained = wait_drained(cluster, Duration::from_secs(180));
     // Let the consumer catch up: stop once nothing new arrived for 3 s.
     let mut last_len = 0;
     let mut quiet_since = Instant::now();
@@ -364,7 +370,7 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     stop_consumer.store(true, Ordering::Relaxed);
     let _ = consumer_thread.join();
     let records = received.lock().map(|r| r.clone()).unwrap_or_default();
-    let truth = read_truth(&cluster);
+    let truth = read_truth(cluster);
     let (fault, how) = scenario.fault.describe();
     let mut report = analyze(&truth, &records, &commit_times, healed_ms.filter(|h| !h.is_nan()));
     report.scenario = scenario.name.clone();
@@ -525,8 +531,13 @@ fn client_loop(id: usize, dsns: &[String], topics: &[String], w: &Workload, dead
             // Plain commit of one to three messages over topics and keys.
             _ => {
                 let values: Vec<i64> = pairs.iter().map(|_| next_value()).collect();
-                run_txn(client, &pairs, &values, |c| c.batch_execute("COMMIT").map(|_| true))
-                    .map(|ok| if ok { values } else { vec![] })
+                run_txn(client, &pairs, &values, |c| c.batch_execute("COMMIT").map(|_| true)).map(|ok| {
+                    if ok {
+                        values
+                    } else {
+                        vec![]
+                    }
+                })
             }
         };
         match result {
@@ -565,7 +576,11 @@ fn run_txn(
     finish(c)
 }
 
-fn savepoint_txn(c: &mut postgres::Client, pairs: &[(String, String)], values: &[i64]) -> Result<Vec<i64>, postgres::Error> {
+fn savepoint_txn(
+    c: &mut postgres::Client,
+    pairs: &[(String, String)],
+    values: &[i64],
+) -> Result<Vec<i64>, postgres::Error> {
     c.batch_execute("BEGIN")?;
     c.execute(ENQUEUE, &[&pairs[0].0, &pairs[0].1, &values[0]])?;
     c.batch_execute("SAVEPOINT s")?;
@@ -724,7 +739,11 @@ fn wait_drained(cluster: &Cluster, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(mut db) = postgres::Client::connect(&cluster.dsn("shop"), postgres::NoTls) {
-            if db.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).map(|r| r.get::<_, i64>(0) == 0).unwrap_or(false) {
+            if db
+                .query_one("SELECT count(*) FROM outbox.pending_messages", &[])
+                .map(|r| r.get::<_, i64>(0) == 0)
+                .unwrap_or(false)
+            {
                 return true;
             }
         }
@@ -771,15 +790,16 @@ fn analyze(truth: &[Truth], records: &[Received], commit_times: &HashMap<i64, f6
             per_key.entry((r.topic.clone(), r.key.clone())).or_default().push(r.n);
         }
     }
-    let order_violations =
-        per_key.values().map(|ns| ns.windows(2).filter(|w| w[1] <= w[0]).count()).sum::<usize>();
-    let mut latencies: Vec<f64> = commit_times
-        .iter()
-        .filter_map(|(v, at)| first_seen.get(v).map(|seen| (seen - at).max(0.0)))
-        .collect();
+    let order_violations = per_key.values().map(|ns| ns.windows(2).filter(|w| w[1] <= w[0]).count()).sum::<usize>();
+    let mut latencies: Vec<f64> =
+        commit_times.iter().filter_map(|(v, at)| first_seen.get(v).map(|seen| (seen - at).max(0.0))).collect();
     latencies.sort_by(f64::total_cmp);
     let recovery_ms = healed_ms.and_then(|h| {
-        records.iter().filter(|r| r.at_ms >= h).map(|r| r.at_ms - h).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+        records
+            .iter()
+            .filter(|r| r.at_ms >= h)
+            .map(|r| r.at_ms - h)
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
     });
     Report {
         committed: committed.len(),

@@ -284,7 +284,11 @@ impl Cluster {
         ));
         std::fs::write(&conf, text).expect("write standby postgresql.conf");
         let _ = std::fs::remove_file(standby.dir.join("postgres.log"));
-        as_postgres(format!("{bin}/pg_ctl -D '{}' -l '{}/postgres.log' -w -t 60 start", standby.dir.display(), standby.dir.display()));
+        as_postgres(format!(
+            "{bin}/pg_ctl -D '{}' -l '{}/postgres.log' -w -t 60 start",
+            standby.dir.display(),
+            standby.dir.display()
+        ));
         standby
     }
 
@@ -439,7 +443,9 @@ pub fn read_topic_with(
         let found = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(2))
             .ok()
-            .and_then(|m| m.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len()))
+            .and_then(|m| {
+                m.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len())
+            })
             .filter(|&n| n > 0);
         if let Some(n) = found {
             break n;
@@ -460,32 +466,41 @@ pub fn read_topic_with(
         if records.len() >= expected && last_arrival.elapsed() >= settle {
             break;
         }
-        match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(m)) => {
-                last_arrival = Instant::now();
-                let mut headers = HashMap::new();
-                if let Some(hs) = m.headers() {
-                    for h in hs.iter() {
-                        headers.insert(
-                            h.key.to_string(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            last_arrival = Instant::now();
+            let mut headers = HashMap::new();
+            if let Some(hs) = m.headers() {
+                for h in hs.iter() {
+                    headers
+                        .insert(h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned());
                 }
-                records.push(Record {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                    timestamp_ms: m.timestamp().to_millis(),
-                });
             }
-            Some(Err(_)) | None => {}
+            records.push(Record {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers,
+                timestamp_ms: m.timestamp().to_millis(),
+            });
         }
     }
     records
+}
+
+/// The payloads of `records` as text, in order.
+pub fn payloads(records: &[Record]) -> Vec<String> {
+    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
+}
+
+/// Polls `check` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// SQLSTATE of a failed statement.

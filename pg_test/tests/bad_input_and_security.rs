@@ -40,9 +40,13 @@ fn nul_and_invalid_utf8_in_keys_and_headers_are_refused_by_postgres_itself() {
     let mut db = c.client();
     let err = db.batch_execute("SELECT outbox.enqueue_message('t', '{}'::jsonb, key => E'a\\000b')").unwrap_err();
     assert_eq!(sqlstate(&err), "22021", "NUL in a key");
-    let err = db.batch_execute("SELECT outbox.enqueue_message('t', '{}'::jsonb, key => convert_from('\\x61ff'::bytea, 'UTF8'))").unwrap_err();
+    let err = db
+        .batch_execute("SELECT outbox.enqueue_message('t', '{}'::jsonb, key => convert_from('\\x61ff'::bytea, 'UTF8'))")
+        .unwrap_err();
     assert_eq!(sqlstate(&err), "22021", "invalid UTF-8 in a key");
-    let err = db.batch_execute(r#"SELECT outbox.enqueue_message('t', '{}'::jsonb, headers => '{"h": "a\u0000b"}')"#).unwrap_err();
+    let err = db
+        .batch_execute(r#"SELECT outbox.enqueue_message('t', '{}'::jsonb, headers => '{"h": "a\u0000b"}')"#)
+        .unwrap_err();
     assert_eq!(sqlstate(&err), "22P05", "NUL in a header value");
     // Binary payloads may hold any byte, NUL included.
     db.batch_execute("SELECT outbox.enqueue_message('t', '\\x00ff00'::bytea, key => 'k')").unwrap();
@@ -55,7 +59,11 @@ fn non_owners_cannot_drop_alter_or_read_the_outbox() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     let c = Cluster::start(&bootstrap, "");
     let mut admin = c.client();
-    admin.batch_execute("CREATE ROLE app LOGIN; GRANT outbox_writer TO app; CREATE ROLE ops LOGIN; GRANT outbox_reader TO ops").unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE app LOGIN; GRANT outbox_writer TO app; CREATE ROLE ops LOGIN; GRANT outbox_reader TO ops",
+        )
+        .unwrap();
     let topic = unique("guarded");
     admin.execute("SELECT outbox.enqueue_message($1, '1'::jsonb, key => 'k')", &[&topic]).unwrap();
     let mut app = connect_as(&c, "app");
@@ -76,8 +84,10 @@ fn non_owners_cannot_drop_alter_or_read_the_outbox() {
         assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
     }
     let mut ops = connect_as(&c, "ops");
-    ops.batch_execute("SELECT * FROM outbox.topic_stats; SELECT * FROM outbox.worker_status; SELECT * FROM outbox.pending_messages")
-        .expect("outbox_reader reads the views");
+    ops.batch_execute(
+        "SELECT * FROM outbox.topic_stats; SELECT * FROM outbox.worker_status; SELECT * FROM outbox.pending_messages",
+    )
+    .expect("outbox_reader reads the views");
     assert_eq!(sqlstate(&ops.batch_execute("SELECT outbox.enqueue_message('t', '1'::jsonb)").unwrap_err()), "42501");
     // All that left the committed message alone.
     assert_eq!(read_topic(&bootstrap, &topic, 1, Duration::from_secs(30)).len(), 1);
@@ -89,9 +99,7 @@ fn a_user_schema_cannot_hijack_the_functions_through_search_path() {
     let c = Cluster::start(&bootstrap, "");
     let mut admin = c.client();
     admin
-        .batch_execute(
-            "CREATE ROLE app LOGIN; GRANT outbox_writer TO app; CREATE SCHEMA evil AUTHORIZATION app;",
-        )
+        .batch_execute("CREATE ROLE app LOGIN; GRANT outbox_writer TO app; CREATE SCHEMA evil AUTHORIZATION app;")
         .unwrap();
     let mut app = connect_as(&c, "app");
     // Shadow functions and operators the enqueue code uses; SECURITY DEFINER code must not call them.
@@ -102,10 +110,7 @@ fn a_user_schema_cannot_hijack_the_functions_through_search_path() {
          SET search_path = evil, public;",
     )
     .unwrap();
-    let id: i64 = app
-        .query_one("SELECT outbox.enqueue_message('hijack', '{\"a\": 1}'::jsonb)", &[])
-        .unwrap()
-        .get(0);
+    let id: i64 = app.query_one("SELECT outbox.enqueue_message('hijack', '{\"a\": 1}'::jsonb)", &[]).unwrap().get(0);
     let row = admin
         .query_one("SELECT enqueued_at > now() - interval '1 minute' FROM outbox.messages WHERE id = $1", &[&id])
         .unwrap();
@@ -157,8 +162,14 @@ fn the_worker_talks_tls_to_a_broker_that_requires_it() {
     let topic = unique("tls");
     c.client().execute("SELECT outbox.enqueue_message($1, '\"over TLS\"'::jsonb, key => 'k')", &[&topic]).unwrap();
     let tls = [("security.protocol", "SSL"), ("ssl.ca.location", ca.as_str())];
-    let records =
-        pg_outbox_tests::read_topic_with(&broker.bootstrap(), &tls, &topic, 1, Duration::from_secs(60), Duration::from_millis(500));
+    let records = pg_outbox_tests::read_topic_with(
+        &broker.bootstrap(),
+        &tls,
+        &topic,
+        1,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    );
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].json(), serde_json::json!("over TLS"));
     // A plaintext client gets nothing from that listener.

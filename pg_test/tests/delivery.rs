@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, Record};
+use pg_outbox_tests::{payloads, read_topic, unique, BrokerKind, Cluster, Record};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -22,10 +22,6 @@ on_every_broker!(
     concurrent_writers_of_a_key_are_delivered_in_commit_order_with_nothing_lost,
     a_single_message_arrives_within_milliseconds_of_commit,
 );
-
-fn payloads(records: &[Record]) -> Vec<String> {
-    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
-}
 
 fn committed_messages_reach_the_topic_with_key_headers_and_message_id(broker: BrokerKind) {
     let bootstrap = broker.shared_bootstrap();
@@ -118,12 +114,18 @@ fn a_later_commit_of_an_earlier_enqueue_is_delivered_in_commit_order(broker: Bro
     let mut late = c.client();
     let mut t1 = early.transaction().unwrap();
     let id1: i64 = t1
-        .query_one("SELECT outbox.enqueue_message($1, '\"enqueued first, committed last\"'::jsonb, key => 'k')", &[&topic])
+        .query_one(
+            "SELECT outbox.enqueue_message($1, '\"enqueued first, committed last\"'::jsonb, key => 'k')",
+            &[&topic],
+        )
         .unwrap()
         .get(0);
     let mut t2 = late.transaction().unwrap();
     let id2: i64 = t2
-        .query_one("SELECT outbox.enqueue_message($1, '\"enqueued second, committed first\"'::jsonb, key => 'k')", &[&topic])
+        .query_one(
+            "SELECT outbox.enqueue_message($1, '\"enqueued second, committed first\"'::jsonb, key => 'k')",
+            &[&topic],
+        )
         .unwrap()
         .get(0);
     assert!(id1 < id2);

@@ -22,7 +22,10 @@ fn enqueue_returns_increasing_message_ids_in_and_out_of_transactions() {
     let a: i64 = db.query_one("SELECT outbox.enqueue_message('t1', '{\"a\": 1}'::jsonb)", &[]).unwrap().get(0);
     let mut tx = db.transaction().unwrap();
     let b: i64 = tx
-        .query_one("SELECT outbox.enqueue_message('t1', '\\x0001ff'::bytea, key => 'k', headers => '{\"h\": \"v\"}')", &[])
+        .query_one(
+            "SELECT outbox.enqueue_message('t1', '\\x0001ff'::bytea, key => 'k', headers => '{\"h\": \"v\"}')",
+            &[],
+        )
         .unwrap()
         .get(0);
     tx.commit().unwrap();
@@ -105,7 +108,8 @@ fn public_gets_nothing_and_outbox_writer_may_enqueue() {
     let c = cluster();
     let mut db = c.client();
     db.batch_execute("CREATE ROLE app LOGIN; CREATE ROLE nobody LOGIN; GRANT outbox_writer TO app").unwrap();
-    let mut app = postgres::Client::connect(&c.dsn("shop").replace("user=postgres", "user=app"), postgres::NoTls).unwrap();
+    let mut app =
+        postgres::Client::connect(&c.dsn("shop").replace("user=postgres", "user=app"), postgres::NoTls).unwrap();
     app.batch_execute("SELECT outbox.enqueue_message('t', '{}'::jsonb)").unwrap();
     assert_eq!(refused(&mut app, "SELECT * FROM outbox.messages"), "42501");
     let mut nobody =

@@ -2,21 +2,9 @@
 //! synchronous waits, retention and replay, routing, several databases, settings, upgrades.
 use std::time::{Duration, Instant};
 
-use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, Record};
+use pg_outbox_tests::{payloads, read_topic, unique, wait_for, BrokerKind, Cluster, Record};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn payloads(records: &[Record]) -> Vec<String> {
-    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn kafka_cluster(conf: &str) -> (Cluster, String) {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
@@ -48,8 +36,11 @@ fn a_delayed_message_waits_for_its_time_without_blocking_its_key() {
     let topic = unique("delayed");
     let mut db = c.client();
     let enqueued = Instant::now();
-    db.execute("SELECT outbox.enqueue_message($1, '\"later\"'::jsonb, key => 'k', deliver_after => '2 seconds')", &[&topic])
-        .unwrap();
+    db.execute(
+        "SELECT outbox.enqueue_message($1, '\"later\"'::jsonb, key => 'k', deliver_after => '2 seconds')",
+        &[&topic],
+    )
+    .unwrap();
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"at\"'::jsonb, key => 'k', deliver_at => now() + interval '3 seconds')",
         &[&topic],
@@ -115,7 +106,10 @@ fn wait_for_delivery_returns_once_acknowledged_or_false_at_the_timeout() {
     db.execute("SELECT outbox.pause_topic($1)", &[&topic]).unwrap();
     let held: i64 = db.query_one("SELECT outbox.enqueue_message($1, '2'::jsonb)", &[&topic]).unwrap().get(0);
     let started = Instant::now();
-    assert!(!db.query_one("SELECT outbox.wait_for_delivery($1, '700 milliseconds')", &[&held]).unwrap().get::<_, bool>(0));
+    assert!(!db
+        .query_one("SELECT outbox.wait_for_delivery($1, '700 milliseconds')", &[&held])
+        .unwrap()
+        .get::<_, bool>(0));
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(700) && waited < Duration::from_secs(3), "{waited:?}");
     let never: i64 = 1_000_000;
@@ -135,10 +129,8 @@ fn retained_messages_can_be_replayed_with_their_original_ids() {
     std::thread::sleep(Duration::from_secs(3));
     let stored: i64 = db.query_one("SELECT count(*) FROM outbox.messages WHERE topic = $1", &[&topic]).unwrap().get(0);
     assert_eq!(stored, 3, "retention keeps delivered messages across rotations");
-    let replayed: i32 = db
-        .query_one("SELECT outbox.replay($1, now() - interval '10 minutes')", &[&topic])
-        .unwrap()
-        .get(0);
+    let replayed: i32 =
+        db.query_one("SELECT outbox.replay($1, now() - interval '10 minutes')", &[&topic]).unwrap().get(0);
     assert_eq!(replayed, 3);
     let all = read_topic(&bootstrap, &topic, 6, WAIT);
     assert_eq!(payloads(&all), vec!["0", "1", "2", "0", "1", "2"]);
@@ -207,7 +199,8 @@ fn settings_are_visible_and_changed_without_restarting_the_worker() {
     assert_eq!(hidden, 0, "the setting that may hold broker credentials is not listed");
     db.batch_execute("SHOW pg_outbox.kafka_properties").expect("a superuser may read it");
     db.batch_execute("CREATE ROLE ops LOGIN; GRANT outbox_reader TO ops").unwrap();
-    let mut ops = postgres::Client::connect(&c.dsn("shop").replace("user=postgres", "user=ops"), postgres::NoTls).unwrap();
+    let mut ops =
+        postgres::Client::connect(&c.dsn("shop").replace("user=postgres", "user=ops"), postgres::NoTls).unwrap();
     let err = ops.batch_execute("SHOW pg_outbox.kafka_properties").unwrap_err();
     assert_eq!(pg_outbox_tests::sqlstate(&err), "42501");
     assert_eq!(ops.query("SELECT * FROM outbox.settings", &[]).unwrap().len(), 13);
@@ -261,7 +254,10 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
     assert_eq!(version, "0.2.0");
-    db.execute("SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')", &[&topic])
-        .unwrap();
+    db.execute(
+        "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
+        &[&topic],
+    )
+    .unwrap();
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"before upgrade\"", "\"after upgrade\""]);
 }

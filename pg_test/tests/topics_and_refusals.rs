@@ -1,23 +1,11 @@
 //! Topics the worker creates, and messages the broker refuses: retried with backoff, then
 //! dead-lettered, while other keys keep flowing and later messages of the key wait behind.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, Record};
+use pg_outbox_tests::{payloads, read_topic, unique, wait_for, BrokerKind, Cluster};
 use rdkafka::consumer::Consumer;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn payloads(records: &[Record]) -> Vec<String> {
-    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_missing_topic_is_created_with_topic_partitions() {
@@ -42,8 +30,7 @@ fn with_create_topics_off_a_missing_topic_ends_in_dead_letters() {
          pg_outbox.kafka_properties = 'topic.metadata.propagation.max.ms=1000'",
     );
     let topic = unique("never-created");
-    let id: i64 =
-        c.client().query_one("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap().get(0);
+    let id: i64 = c.client().query_one("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap().get(0);
     let mut db = c.client();
     wait_for("the dead letter", WAIT, || {
         db.query_opt("SELECT 1 FROM outbox.dead_letters WHERE id = $1", &[&id]).unwrap().is_some()
@@ -52,7 +39,9 @@ fn with_create_topics_off_a_missing_topic_ends_in_dead_letters() {
     assert_eq!(row.get::<_, i32>(0), 2);
     let error: String = row.get(1);
     assert!(error.to_lowercase().contains("unknown topic"), "{error}");
-    let stats = db.query_one("SELECT dead_letters, failed_attempts, pending FROM outbox.topic_stats WHERE topic = $1", &[&topic]).unwrap();
+    let stats = db
+        .query_one("SELECT dead_letters, failed_attempts, pending FROM outbox.topic_stats WHERE topic = $1", &[&topic])
+        .unwrap();
     assert_eq!((stats.get::<_, i64>(0), stats.get::<_, i64>(1), stats.get::<_, i64>(2)), (1, 2, 0));
 }
 
@@ -74,7 +63,9 @@ fn a_message_the_broker_refuses_is_retried_then_dead_lettered_while_others_flow(
         .get(0);
     db.execute("SELECT outbox.enqueue_message($1, '\"a1\"'::jsonb, key => 'a')", &[&topic]).unwrap();
     wait_for("the first refusal", WAIT, || {
-        db.query_opt("SELECT 1 FROM outbox.held_messages WHERE id = $1 AND attempts >= 1", &[&poison]).unwrap().is_some()
+        db.query_opt("SELECT 1 FROM outbox.held_messages WHERE id = $1 AND attempts >= 1", &[&poison])
+            .unwrap()
+            .is_some()
     });
     // Enqueued after the poison message was refused: must not overtake it.
     db.execute("SELECT outbox.enqueue_message($1, '\"p2\"'::jsonb, key => 'p')", &[&topic]).unwrap();
@@ -84,7 +75,10 @@ fn a_message_the_broker_refuses_is_retried_then_dead_lettered_while_others_flow(
     early_payloads.sort();
     assert_eq!(early_payloads, vec!["\"a1\"", "\"b1\""], "other keys flow while p is retried");
     let row = db
-        .query_one("SELECT attempts, next_attempt_at > now(), last_error FROM outbox.pending_messages WHERE id = $1", &[&poison])
+        .query_one(
+            "SELECT attempts, next_attempt_at > now(), last_error FROM outbox.pending_messages WHERE id = $1",
+            &[&poison],
+        )
         .unwrap();
     assert!(row.get::<_, i32>(0) >= 1);
     wait_for("the dead letter", WAIT, || {

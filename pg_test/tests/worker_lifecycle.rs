@@ -2,13 +2,9 @@
 //! survives broker outages, DROP EXTENSION, DROP DATABASE, crashes and immediate shutdowns.
 use std::time::{Duration, Instant};
 
-use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster, PrivateBroker, Record};
+use pg_outbox_tests::{payloads, read_topic, unique, BrokerKind, Cluster, PrivateBroker};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn payloads(records: &[Record]) -> Vec<String> {
-    records.iter().map(|r| String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned()).collect()
-}
 
 fn enqueue_numbers(c: &Cluster, topic: &str, range: std::ops::Range<i32>) {
     let mut db = c.client();
@@ -62,7 +58,8 @@ fn sigterm_stops_the_worker_promptly_and_the_launcher_starts_it_again() {
     // The worker's figures outlive the worker process.
     assert!(c.wait_until_drained(WAIT));
     std::thread::sleep(Duration::from_millis(300));
-    let delivered: i64 = c.client().query_one("SELECT messages_delivered FROM outbox.worker_status", &[]).unwrap().get(0);
+    let delivered: i64 =
+        c.client().query_one("SELECT messages_delivered FROM outbox.worker_status", &[]).unwrap().get(0);
     assert_eq!(delivered, 6);
 }
 
@@ -85,7 +82,8 @@ fn a_new_bootstrap_server_applies_on_reload_without_restart() {
 #[test]
 fn a_broker_unreachable_at_start_gets_everything_once_it_is_up() {
     let broker = PrivateBroker::reserve(BrokerKind::Kafka);
-    let c = Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
+    let c =
+        Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
     let topic = unique("late-broker");
     enqueue_numbers(&c, &topic, 0..20);
     let deadline = Instant::now() + WAIT;
@@ -110,7 +108,8 @@ fn a_broker_unreachable_at_start_gets_everything_once_it_is_up() {
 #[test]
 fn a_broker_restart_mid_flow_loses_nothing_and_keeps_key_order() {
     let broker = PrivateBroker::start(BrokerKind::Kafka);
-    let c = Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
+    let c =
+        Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
     let topic = unique("broker-restart");
     enqueue_numbers(&c, &topic, 0..50);
     assert_eq!(read_topic(&broker.bootstrap(), &topic, 50, WAIT).len(), 50);

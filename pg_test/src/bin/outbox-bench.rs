@@ -88,14 +88,16 @@ impl Bench {
             .map_or(0, |r| r.get(0))
     }
 
-    /// 1. Enqueue overhead: (a) an order INSERT, (b) plus enqueue_message, (c) plus a plain INSERT
-    /// of the same payload; alternating rounds, median of each.
+    /// Enqueue overhead (section 1): an order INSERT alone, plus enqueue_message, plus a plain
+    /// INSERT of the same payload; alternating rounds, median of each.
     fn enqueue_overhead(&mut self) {
         let rounds = env_usize("BENCH_ROUNDS", 3);
         let seconds = env_usize("BENCH_PGBENCH_SECONDS", 15).to_string();
         let clients = env_usize("BENCH_CLIENTS", 8).to_string();
         let pad = "x".repeat(230);
-        let order = "\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\n".to_string();
+        let order =
+            "\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\n"
+                .to_string();
         let scripts = [
             ("tps_order", format!("{order}COMMIT;\n")),
             (
@@ -157,7 +159,13 @@ impl Bench {
         self.sql(&format!(
             "INSERT INTO bench_relay (key, payload) SELECT (i % 16)::text, jsonb_build_object('order_id', i, 'total', 99.50, 'pad', repeat('x', 240)) FROM generate_series(1, {n}) i"
         ));
-        let relay = Relay::new(&self.cluster.dsn("shop"), &self.broker.bootstrap(), "bench_relay", "bench.relay", self.batch_size);
+        let relay = Relay::new(
+            &self.cluster.dsn("shop"),
+            &self.broker.bootstrap(),
+            "bench_relay",
+            "bench.relay",
+            self.batch_size,
+        );
         let started = Instant::now();
         let (first, last) = relay.drain(n);
         let relay_rate = n as f64 / (last - first).max(0.001);
@@ -220,7 +228,9 @@ impl Bench {
         let pid = self.cluster.worker_pid(Duration::from_secs(10)).unwrap_or(0);
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
             .unwrap_or(0.0)
     }
 
@@ -249,7 +259,10 @@ impl Bench {
                 }
             })
         };
-        let out = self.pgbench(&script, &["-c", &clients.to_string(), "-j", "2", "-P", "10", "-t", &((n - warm) / clients).to_string()]);
+        let out = self.pgbench(
+            &script,
+            &["-c", &clients.to_string(), "-j", "2", "-P", "10", "-t", &((n - warm) / clients).to_string()],
+        );
         stop.store(true, Ordering::Relaxed);
         let _ = sampler.join();
         let progress: Vec<f64> = out
@@ -277,15 +290,17 @@ impl Bench {
         self.results.insert("worker_rss_growth_ratio".into(), rss_end / rss_start.max(1.0));
     }
 
-    /// 5. The enqueue + forward rate while a REPEATABLE READ transaction elsewhere pins the xmin
-    /// horizon, against the same run without it.
+    /// Bloat resistance (section 5): the enqueue + forward rate while a REPEATABLE READ
+    /// transaction elsewhere pins the xmin horizon, against the same run without it.
     fn xmin_pinned(&mut self) {
         let seconds = env_usize("BENCH_XMIN_SECONDS", 120);
         let clients = env_usize("BENCH_CLIENTS", 8).to_string();
         let pad = "x".repeat(230);
         let script = format!("\\set c random(1, 100000)\nBEGIN;\nINSERT INTO bench_orders (customer, total) VALUES (:c, 99.50);\nSELECT outbox.enqueue_message('bench.xmin', jsonb_build_object('order_id', :c, 'pad', '{pad}'), key => :c::text);\nCOMMIT;\n");
         let dead = |b: &Bench| {
-            b.scalar_f64("SELECT coalesce(sum(n_dead_tup), 0)::float8 FROM pg_stat_user_tables WHERE schemaname = 'outbox'")
+            b.scalar_f64(
+                "SELECT coalesce(sum(n_dead_tup), 0)::float8 FROM pg_stat_user_tables WHERE schemaname = 'outbox'",
+            )
         };
         let mut rates = Vec::new();
         for pinned in [false, true] {
@@ -294,7 +309,8 @@ impl Bench {
             if pinned {
                 holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class;").unwrap();
             }
-            let (dead_before, size_before, delivered_before) = (dead(self), self.outbox_bytes(), self.delivered("bench.xmin"));
+            let (dead_before, size_before, delivered_before) =
+                (dead(self), self.outbox_bytes(), self.delivered("bench.xmin"));
             let tps = Bench::tps(&self.pgbench(&script, &["-c", &clients, "-j", "2", "-T", &seconds.to_string()]));
             let forwarded = (self.delivered("bench.xmin") - delivered_before) as f64 / seconds as f64;
             let (dead_after, size_after) = (dead(self), self.outbox_bytes());
@@ -378,7 +394,12 @@ fn producer_config(bootstrap: &str) -> ClientConfig {
 
 /// The broker's limit: a standalone rdkafka producer with pg_outbox's settings, as fast as it goes.
 fn raw_produce(bootstrap: &str, topic: &str, n: usize) -> f64 {
-    let acks = Arc::new(Acks { count: AtomicU64::new(0), errors: AtomicU64::new(0), first: Mutex::new(None), last: Mutex::new(0.0) });
+    let acks = Arc::new(Acks {
+        count: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        first: Mutex::new(None),
+        last: Mutex::new(0.0),
+    });
     let producer: ThreadedProducer<AckCounter> =
         producer_config(bootstrap).create_with_context(AckCounter(acks.clone())).expect("raw producer");
     for i in 0..n as u64 {
@@ -427,7 +448,10 @@ impl Relay {
         let mut tx = self.db.transaction().expect("relay transaction");
         let rows = tx
             .query(
-                &format!("SELECT id, key, payload::text FROM {} WHERE NOT sent ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", self.table),
+                &format!(
+                    "SELECT id, key, payload::text FROM {} WHERE NOT sent ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    self.table
+                ),
                 &[&(self.batch as i64)],
             )
             .expect("relay select");
@@ -442,7 +466,8 @@ impl Relay {
         for f in futures {
             let _ = runtime.block_on(f);
         }
-        tx.execute(&format!("UPDATE {} SET sent = true WHERE id = ANY ($1)", self.table), &[&ids]).expect("relay update");
+        tx.execute(&format!("UPDATE {} SET sent = true WHERE id = ANY ($1)", self.table), &[&ids])
+            .expect("relay update");
         tx.commit().expect("relay commit");
         rows.len()
     }
@@ -597,7 +622,11 @@ const GOALS: &[(&str, &str, f64)] = &[
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
@@ -615,7 +644,10 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
         match bench.results.get(*key) {
             Some(v) => {
                 let met = if *cmp == ">=" { *v >= *target } else { *v <= *target };
-                md.push_str(&format!("| `{key}` | {v:.3} | {cmp} {target} | {} |\n", if met { "yes" } else { "**no**" }));
+                md.push_str(&format!(
+                    "| `{key}` | {v:.3} | {cmp} {target} | {} |\n",
+                    if met { "yes" } else { "**no**" }
+                ));
             }
             None => md.push_str(&format!("| `{key}` | not measured | {cmp} {target} | **no** |\n")),
         }
@@ -624,7 +656,8 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
     for (k, v) in &bench.results {
         md.push_str(&format!("| `{k}` | {v:.3} |\n"));
     }
-    let env: Vec<String> = std::env::vars().filter(|(k, _)| k.starts_with("BENCH_")).map(|(k, v)| format!("`{k}={v}`")).collect();
+    let env: Vec<String> =
+        std::env::vars().filter(|(k, _)| k.starts_with("BENCH_")).map(|(k, v)| format!("`{k}={v}`")).collect();
     md.push_str(&format!(
         "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`.\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains).\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`).\n",
         sections.join(", "),

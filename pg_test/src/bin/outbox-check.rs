@@ -8,8 +8,10 @@ fn main() {
     let out = args.windows(2).find(|w| w[0] == "--out").map(|w| w[1].clone());
     let only: Vec<&String> = args.windows(2).filter(|w| w[0] == "--only").map(|w| &w[1]).collect();
     let workload = if short { Workload::short() } else { Workload::full() };
-    let scenarios: Vec<_> =
-        all_scenarios().into_iter().filter(|s| only.is_empty() || only.iter().any(|o| s.name.contains(o.as_str()))).collect();
+    let scenarios: Vec<_> = all_scenarios()
+        .into_iter()
+        .filter(|s| only.is_empty() || only.iter().any(|o| s.name.contains(o.as_str())))
+        .collect();
     let mut rows = Vec::new();
     let mut failed = 0;
     for (i, scenario) in scenarios.iter().enumerate() {

@@ -254,6 +254,12 @@ impl Worker {
         }
         if let Some(e) = &outcome.unavailable {
             self.broker_unavailable(e);
+            // After messages timed out "possibly persisted", or when failures go on, start over with
+            // a new producer (a new idempotent producer id): the batch is resent from the table
+            // in order, so no key is reordered, and a wedged producer cannot stall delivery.
+            if e.contains("timed out") || self.reconnect_failures >= 3 {
+                self.sinks.clear();
+            }
             return Next::Sleep(self.reconnect_delay());
         }
         self.broker_connected();

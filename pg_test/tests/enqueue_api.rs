@@ -117,3 +117,17 @@ fn public_gets_nothing_and_outbox_writer_may_enqueue() {
     assert_eq!(refused(&mut nobody, "SELECT outbox.enqueue_message('t', '{}'::jsonb)"), "42501");
     assert_eq!(message_rows(&mut db), 1);
 }
+
+#[test]
+fn the_default_limit_accepts_exactly_one_mebibyte_and_refuses_one_byte_more() {
+    let c = cluster();
+    let mut db = c.client();
+    // A JSON string of 1,048,574 characters plus its two quotes is exactly 1 MiB of JSON text.
+    db.batch_execute("SELECT outbox.enqueue_message('big', to_jsonb(repeat('x', 1048574)))").unwrap();
+    let err = db.batch_execute("SELECT outbox.enqueue_message('big', to_jsonb(repeat('x', 1048575)))").unwrap_err();
+    assert_eq!(sqlstate(&err), "54000");
+    db.batch_execute("SELECT outbox.enqueue_message('big', convert_to(repeat('x', 1048576), 'UTF8'))").unwrap();
+    let err = db.batch_execute("SELECT outbox.enqueue_message('big', convert_to(repeat('x', 1048577), 'UTF8'))").unwrap_err();
+    assert_eq!(sqlstate(&err), "54000");
+    assert_eq!(message_rows(&mut db), 2);
+}

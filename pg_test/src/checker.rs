@@ -426,8 +426,13 @@ fn consume(bootstrap: &str, topics: &[String], stop: &AtomicBool, received: &Mut
         }
     }
     let _ = consumer.assign(&tpl);
+    let mut seen_offsets = HashSet::new();
     while !stop.load(Ordering::Relaxed) {
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else { continue };
+        // A re-read after an offset reset is the consumer's, not a redelivery.
+        if !seen_offsets.insert((m.topic().to_string(), m.partition(), m.offset())) {
+            continue;
+        }
         let at_ms = now_ms();
         let Some(payload) = m.payload() else { continue };
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { continue };

@@ -1,7 +1,7 @@
 //! Test harness: throwaway PostgreSQL clusters with pg_outbox preloaded (initdb'd as the
 //! `postgres` OS user by scripts/pg.sh), real brokers on loopback, and a Kafka consumer that
 //! reads topics back. No mocks: every test talks to the real server and the real broker.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -404,6 +404,9 @@ pub fn consumer_with(bootstrap: &str, properties: &[(&str, &str)]) -> BaseConsum
     }
     config
         .set("bootstrap.servers", bootstrap)
+        // If a restarted broker reports our position out of range, re-read rather than skip
+        // (readers drop offsets they already saw).
+        .set("auto.offset.reset", "earliest")
         .set("group.id", unique("pg-outbox-test"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "20")
@@ -461,6 +464,7 @@ pub fn read_topic_with(
     }
     consumer.assign(&tpl).expect("assign");
     let mut records = Vec::new();
+    let mut seen_offsets = HashSet::new();
     let mut last_arrival = Instant::now();
     while Instant::now() < deadline {
         if records.len() >= expected && last_arrival.elapsed() >= settle {
@@ -468,6 +472,9 @@ pub fn read_topic_with(
         }
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
             last_arrival = Instant::now();
+            if !seen_offsets.insert((m.partition(), m.offset())) {
+                continue;
+            }
             let mut headers = HashMap::new();
             if let Some(hs) = m.headers() {
                 for h in hs.iter() {

@@ -127,7 +127,8 @@ fn the_default_limit_accepts_exactly_one_mebibyte_and_refuses_one_byte_more() {
     let err = db.batch_execute("SELECT outbox.enqueue_message('big', to_jsonb(repeat('x', 1048575)))").unwrap_err();
     assert_eq!(sqlstate(&err), "54000");
     db.batch_execute("SELECT outbox.enqueue_message('big', convert_to(repeat('x', 1048576), 'UTF8'))").unwrap();
-    let err = db.batch_execute("SELECT outbox.enqueue_message('big', convert_to(repeat('x', 1048577), 'UTF8'))").unwrap_err();
+    let err =
+        db.batch_execute("SELECT outbox.enqueue_message('big', convert_to(repeat('x', 1048577), 'UTF8'))").unwrap_err();
     assert_eq!(sqlstate(&err), "54000");
     assert_eq!(message_rows(&mut db), 2);
 }

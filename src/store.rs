@@ -36,8 +36,18 @@ pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
 /// The version of the extension's SQL objects this library works with.
 pub const SQL_VERSION: &str = "0.2.0";
 
+/// Whether the extension exists, holding a share lock on it for the rest of the transaction: a
+/// concurrent DROP EXTENSION then waits for this short transaction (or this one for it, and then
+/// sees the extension gone), instead of dropping the tables under a running query.
 fn extension_installed() -> bool {
-    unsafe { pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) != pg_sys::InvalidOid }
+    unsafe {
+        let oid = pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true);
+        if oid == pg_sys::InvalidOid {
+            return false;
+        }
+        pg_sys::LockDatabaseObject(pg_sys::ExtensionRelationId, oid, 0, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) == oid
+    }
 }
 
 /// The installed version of the extension's SQL objects.

@@ -337,15 +337,22 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
             std::thread::spawn(move || client_loop(c, &dsns, &topics, &w, deadline))
         })
         .collect();
+    let neighbour_stop = Arc::new(AtomicBool::new(false));
     let neighbour = (scenario.fault == Fault::NeighbourDatabaseDropped).then(|| {
-        let (dsn, topic) = (cluster.dsn("scratch"), format!("{prefix}-scratch"));
-        std::thread::spawn(move || neighbour_traffic(&dsn, &topic, deadline))
+        let (dsn, topic, stop) = (cluster.dsn("scratch"), format!("{prefix}-scratch"), neighbour_stop.clone());
+        std::thread::spawn(move || neighbour_traffic(&dsn, &topic, deadline, &stop))
     });
 
-    let healed_ms = inject(scenario.fault, &broker, &cluster, standby.as_ref(), &topics, workload.duration);
-    if let Some(n) = neighbour {
+    let healed_ms = if let Some(n) = neighbour {
+        // The neighbour's clients stop (DROP EXTENSION under live writers can deadlock with them,
+        // which Postgres reports as an error); its worker stays attached and is what is tested.
+        std::thread::sleep(workload.duration / 3);
+        neighbour_stop.store(true, Ordering::Relaxed);
         let _ = n.join();
-    }
+        inject(scenario.fault, &broker, &cluster, standby.as_ref(), &topics, Duration::ZERO)
+    } else {
+        inject(scenario.fault, &broker, &cluster, standby.as_ref(), &topics, workload.duration)
+    };
     // After a failover the standby is the database of record.
     let cluster = standby.as_ref().unwrap_or(&cluster);
     let mut commit_times: HashMap<i64, f64> = HashMap::new();
@@ -598,10 +605,11 @@ fn savepoint_txn(
 }
 
 /// Enqueues in the neighbour database until it is dropped.
-fn neighbour_traffic(dsn: &str, topic: &str, deadline: Instant) {
-    while Instant::now() < deadline {
+fn neighbour_traffic(dsn: &str, topic: &str, deadline: Instant, stop: &AtomicBool) {
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         if let Ok(mut db) = postgres::Client::connect(dsn, postgres::NoTls) {
             while Instant::now() < deadline
+                && !stop.load(Ordering::Relaxed)
                 && db.execute("SELECT outbox.enqueue_message($1, '{\"v\": -1}'::jsonb)", &[&topic]).is_ok()
             {
                 std::thread::sleep(Duration::from_millis(5));
@@ -686,7 +694,10 @@ fn inject(
                  SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                  WHERE datname = 'scratch' AND backend_type = 'client backend';",
             );
-            let dropped_db = finishes_within(cluster, "postgres", "DROP DATABASE scratch", limit);
+            // A worker the launcher is just starting can make one attempt fail ("being accessed
+            // by other users"), as any connecting client can: a second attempt must succeed.
+            let dropped_db = finishes_within(cluster, "postgres", "DROP DATABASE scratch", limit)
+                || finishes_within(cluster, "postgres", "DROP DATABASE IF EXISTS scratch", limit);
             if !(dropped_ext && created_ext && dropped_db) {
                 eprintln!("neighbour: DROP EXTENSION {dropped_ext}, CREATE EXTENSION {created_ext}, DROP DATABASE {dropped_db}");
                 return Some(f64::NAN);

@@ -17,25 +17,21 @@ committed=$(( $(date +%s) % 1000000 * 10 + 1 ))
 rolled_back=$((committed + 1))
 sql -qc "CREATE TABLE IF NOT EXISTS orders (id bigint PRIMARY KEY, total numeric NOT NULL, created_at timestamptz DEFAULT now())"
 
-echo
-echo "==> order $committed: INSERT + enqueue_message, then COMMIT"
-sql -e <<SQL
+# One order transaction: the order row and its event, ended by COMMIT or ROLLBACK.
+place_order() {
+  local id=$1 total=$2 ending=$3
+  echo
+  echo "==> order $id: INSERT + enqueue_message, then $ending"
+  sql -e <<SQL
 BEGIN;
-INSERT INTO orders (id, total) VALUES ($committed, 99.50);
-SELECT outbox.enqueue_message('orders.created', jsonb_build_object('id', $committed, 'total', 99.50),
-                              key => '$committed', headers => '{"source": "shop"}');
-COMMIT;
+INSERT INTO orders (id, total) VALUES ($id, $total);
+SELECT outbox.enqueue_message('orders.created', jsonb_build_object('id', $id, 'total', $total),
+                              key => '$id', headers => '{"source": "shop"}');
+$ending;
 SQL
-
-echo
-echo "==> order $rolled_back: INSERT + enqueue_message, then ROLLBACK"
-sql -e <<SQL
-BEGIN;
-INSERT INTO orders (id, total) VALUES ($rolled_back, 12.00);
-SELECT outbox.enqueue_message('orders.created', jsonb_build_object('id', $rolled_back, 'total', 12.00),
-                              key => '$rolled_back', headers => '{"source": "shop"}');
-ROLLBACK;
-SQL
+}
+place_order "$committed" 99.50 COMMIT
+place_order "$rolled_back" 12.00 ROLLBACK
 
 echo
 echo "==> reading topic orders.created back from Kafka"

@@ -24,6 +24,7 @@ echo "==> starting Apache Kafka on 127.0.0.1:$kafka_port" >&2
 echo "==> starting Postgres 15 on 127.0.0.1:$pg_port" >&2
 PG_OUTBOX_EXTRA_CONF="track_commit_timestamp = on" \
   "$here/pg.sh" start "$run/pg" "$pg_port" "127.0.0.1:$kafka_port" shop
-psql -h 127.0.0.1 -p "$pg_port" -U postgres -d shop -qc "CREATE EXTENSION IF NOT EXISTS pg_outbox" >&2
+# An older cluster of a previous version is brought up to date (a no-op when it is current).
+psql -h 127.0.0.1 -p "$pg_port" -U postgres -d shop -qc "CREATE EXTENSION IF NOT EXISTS pg_outbox" -c "ALTER EXTENSION pg_outbox UPDATE" >&2
 echo "PG_OUTBOX_DSN=host=127.0.0.1 port=$pg_port user=postgres dbname=shop"
 echo "PG_OUTBOX_BOOTSTRAP=127.0.0.1:$kafka_port"

@@ -15,6 +15,9 @@ case $cmd in
 start)
   port=$3 cport=$(($3 + 1))
   if running; then exit 0; fi
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "127.0.0.1:$port is already taken by another process: pick another port" >&2; exit 1
+  fi
   [ -d "$libs" ] || { echo "Kafka jars missing in $libs: run scripts/deps.sh kafka" >&2; exit 1; }
   mkdir -p "$dir/data"
   proto=PLAINTEXT
@@ -70,7 +73,8 @@ CONF
   fi
   nohup java -cp "$libs/*" "${java_opts[@]}" kafka.Kafka "$dir/server.properties" >> "$dir/kafka.log" 2>&1 < /dev/null &
   echo $! > "$dir/kafka.pid"
-  "$here/wait-port.sh" 127.0.0.1 "$port" 90 || { tail -20 "$dir/kafka.log" >&2; exit 1; }
+  # Running after the port answers: ours is the process listening, not a leftover.
+  "$here/wait-port.sh" 127.0.0.1 "$port" 90 && running || { tail -20 "$dir/kafka.log" >&2; exit 1; }
   ;;
 stop)
   if running; then

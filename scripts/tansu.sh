@@ -10,6 +10,9 @@ case $cmd in
 start)
   port=$3
   if running; then exit 0; fi
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "127.0.0.1:$port is already taken by another process: pick another port" >&2; exit 1
+  fi
   tansu=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
   [ -x "$tansu" ] || { echo "tansu missing: run scripts/deps.sh tansu" >&2; exit 1; }
   mkdir -p "$dir"
@@ -18,7 +21,8 @@ start)
   nohup "$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine "sqlite://tansu.db" >> "$dir/tansu.log" 2>&1 < /dev/null &
   echo $! > "$dir/tansu.pid"
-  "$here/wait-port.sh" 127.0.0.1 "$port" 30 || { tail -20 "$dir/tansu.log" >&2; exit 1; }
+  # Running after the port answers: ours is the process listening, not a leftover.
+  "$here/wait-port.sh" 127.0.0.1 "$port" 30 && running || { tail -20 "$dir/tansu.log" >&2; exit 1; }
   ;;
 stop)
   if running; then

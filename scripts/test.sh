@@ -4,21 +4,28 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-run=${PG_OUTBOX_TEST_RUN_DIR:-/tmp/pg_outbox-test-brokers}
-kafka_port=${PG_OUTBOX_TEST_KAFKA_PORT:-39092}
-tansu_port=${PG_OUTBOX_TEST_TANSU_PORT:-39094}
 export PATH=$HOME/.cargo/bin:$PATH
+# Everything of this run (brokers, test clusters) lives in a directory of its own on ports found free,
+# so a second run on the same machine, or a leftover process, cannot take them from under us.
+run=${PG_OUTBOX_TEST_RUN_DIR:-$(mktemp -d /tmp/pg_outbox-test.XXXXXX)}
+ports=$("$here/free-port.sh" 4)  # Kafka, its controller, Tansu, the examples' Postgres
+kafka_port=${PG_OUTBOX_TEST_KAFKA_PORT:-$ports}
+tansu_port=${PG_OUTBOX_TEST_TANSU_PORT:-$((ports + 2))}
+examples_port=${PG_OUTBOX_TEST_EXAMPLES_PORT:-$((ports + 3))}
+export PG_OUTBOX_TEST_DIR=$run/clusters
 
 cleanup() {
   "$here/pg.sh" stop "$run/examples-pg" immediate || true
   "$here/kafka.sh" stop "$run/kafka" || true
   "$here/tansu.sh" stop "$run/tansu" || true
-  # Clusters of tests that died before their Drop ran.
-  for d in /tmp/pg_outbox_test/pg-*; do [ -f "$d/postmaster.pid" ] && "$here/pg.sh" stop "$d" immediate; done 2>/dev/null || true
+  # Clusters and brokers of tests that died before their Drop ran.
+  for d in "$PG_OUTBOX_TEST_DIR"/pg-*; do [ -f "$d/postmaster.pid" ] && "$here/pg.sh" stop "$d" immediate; done 2>/dev/null || true
+  for d in "$PG_OUTBOX_TEST_DIR"/broker-*; do "$here/kafka.sh" stop "$d"; "$here/tansu.sh" stop "$d"; done 2>/dev/null || true
+  [ -n "${PG_OUTBOX_KEEP_TEST_DIRS:-}" ] || rm -rf "$run"
 }
 trap cleanup EXIT
-rm -rf "$run" /tmp/pg_outbox_test
-mkdir -p "$run"
+mkdir -p "$run" "$PG_OUTBOX_TEST_DIR"
+chmod 755 "$run"
 
 cd "$root"
 echo "==> unit tests (bgworker crate: batching, retry policy, Kafka sink config)"
@@ -36,8 +43,8 @@ echo "==> integration tests (real Postgres 15 clusters, real brokers)"
 cargo test -p pg_outbox_tests --no-fail-fast -- --test-threads="${PG_OUTBOX_TEST_THREADS:-2}"
 
 echo "==> ORM examples (Python + SQLAlchemy, Rust + sqlx) against a cluster of their own"
-"$here/pg.sh" start "$run/examples-pg" "${PG_OUTBOX_TEST_EXAMPLES_PORT:-39432}" "127.0.0.1:$kafka_port" shop
-export PG_OUTBOX_DSN="host=127.0.0.1 port=${PG_OUTBOX_TEST_EXAMPLES_PORT:-39432} user=postgres dbname=shop"
+"$here/pg.sh" start "$run/examples-pg" "$examples_port" "127.0.0.1:$kafka_port" shop
+export PG_OUTBOX_DSN="host=127.0.0.1 port=$examples_port user=postgres dbname=shop"
 export PG_OUTBOX_BOOTSTRAP=127.0.0.1:$kafka_port
 psql "$PG_OUTBOX_DSN" -qc "CREATE EXTENSION IF NOT EXISTS pg_outbox"
 (cd examples/python && "$HOME/.cache/pg_outbox/venv/bin/python" -m pytest -q -p no:cacheprovider)

@@ -6,7 +6,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -36,24 +37,33 @@ fn run(cmd: &mut Command) {
 }
 
 /// `n` consecutive free ports; returns the first.
+///
+/// Ports come from below Linux's ephemeral range (32768+), so an outgoing connection cannot take one
+/// while its server is down (a broker between kill and restart); each is handed out once per process.
 pub fn free_ports(n: u16) -> u16 {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut seed = std::process::id() as u64 ^ SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     loop {
-        let first = free_port();
-        if (2..n).all(|i| first.checked_add(i).is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())) {
+        // xorshift: no dependency for a random port.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let first = 20000 + (seed % 12000) as u16;
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        let range = first..first + n;
+        if handed_out.iter().any(|p| range.contains(p)) {
+            continue;
+        }
+        if range.clone().all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            handed_out.extend(range);
             return first;
         }
     }
 }
 
+/// Two consecutive free ports (Kafka's controller listens on port + 1); returns the first.
 pub fn free_port() -> u16 {
-    // Two consecutive free ports (Kafka's controller listens on port + 1).
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = a.local_addr().expect("addr").port();
-        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
+    free_ports(2)
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -38,12 +38,12 @@ echo "==> reading topic orders.created back from Kafka"
 out=$("$consume" "$PG_OUTBOX_BOOTSTRAP" orders.created 1 15)
 echo "$out" | grep -E "key=($committed|$rolled_back) " || true
 echo
-if echo "$out" | grep -q "key=$committed "; then
+if grep -q "key=$committed " <<< "$out"; then
   echo "OK: the committed order $committed was delivered to Kafka"
 else
   echo "FAILED: the committed order $committed is not in Kafka" >&2; exit 1
 fi
-if echo "$out" | grep -q "key=$rolled_back "; then
+if grep -q "key=$rolled_back " <<< "$out"; then
   echo "FAILED: the rolled-back order $rolled_back reached Kafka" >&2; exit 1
 else
   echo "OK: the rolled-back order $rolled_back never reached Kafka"

@@ -268,9 +268,26 @@ impl Rng {
 struct Received {
     value: i64,
     topic: String,
+    partition: i32,
+    offset: i64,
     key: String,
     n: i64,
     at_ms: f64,
+}
+
+impl Received {
+    fn from_message(m: &rdkafka::message::BorrowedMessage<'_>, at_ms: f64) -> Option<Received> {
+        let v = serde_json::from_slice::<serde_json::Value>(m.payload()?).ok()?;
+        Some(Received {
+            value: v["v"].as_i64().unwrap_or(-1),
+            n: v["n"].as_i64().unwrap_or(-1),
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+            at_ms,
+        })
+    }
 }
 
 const BATCH_SIZE: usize = 500;
@@ -376,7 +393,15 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     }
     stop_consumer.store(true, Ordering::Relaxed);
     let _ = consumer_thread.join();
-    let records = received.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut records = received.lock().map(|r| r.clone()).unwrap_or_default();
+    // The same record (position and value) seen by both readers counts once.
+    let live: HashSet<(String, i32, i64, i64)> =
+        records.iter().map(|r| (r.topic.clone(), r.partition, r.offset, r.value)).collect();
+    records.extend(
+        read_to_end(&bootstrap, &topics, Duration::from_secs(120))
+            .into_iter()
+            .filter(|r| !live.contains(&(r.topic.clone(), r.partition, r.offset, r.value))),
+    );
     let truth = read_truth(cluster);
     let (fault, how) = scenario.fault.describe();
     let mut report = analyze(&truth, &records, &commit_times, healed_ms.filter(|h| !h.is_nan()));
@@ -440,20 +465,49 @@ fn consume(bootstrap: &str, topics: &[String], stop: &AtomicBool, received: &Mut
         if !seen_offsets.insert((m.topic().to_string(), m.partition(), m.offset())) {
             continue;
         }
-        let at_ms = now_ms();
-        let Some(payload) = m.payload() else { continue };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { continue };
-        let record = Received {
-            value: v["v"].as_i64().unwrap_or(-1),
-            n: v["n"].as_i64().unwrap_or(-1),
-            topic: m.topic().to_string(),
-            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
-            at_ms,
-        };
+        let Some(record) = Received::from_message(&m, now_ms()) else { continue };
         if let Ok(mut r) = received.lock() {
             r.push(record);
         }
     }
+}
+
+/// The final drain: a fresh consumer reads every partition from the beginning to its high
+/// watermark. The live consumer may still be in reconnect backoff after a broker fault; this
+/// read is what makes "lost" mean lost. Records only seen here carry the broker's timestamp.
+fn read_to_end(bootstrap: &str, topics: &[String], timeout: Duration) -> Vec<Received> {
+    let deadline = Instant::now() + timeout;
+    let consumer = consumer(bootstrap);
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..3 {
+            let high = loop {
+                match consumer.fetch_watermarks(t, p, Duration::from_secs(5)) {
+                    Ok((_, high)) => break high,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                    Err(e) => panic!("final drain: no watermarks for {t}/{p}: {e}"),
+                }
+            };
+            if high > 0 {
+                ends.insert((t.clone(), p), high);
+                let _ = tpl.add_partition_offset(t, p, Offset::Beginning);
+            }
+        }
+    }
+    let _ = consumer.assign(&tpl);
+    let mut records = Vec::new();
+    while !ends.is_empty() && Instant::now() < deadline {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let part = (m.topic().to_string(), m.partition());
+        if ends.get(&part).is_some_and(|high| m.offset() + 1 >= *high) {
+            ends.remove(&part);
+        }
+        let at_ms = m.timestamp().to_millis().map_or_else(now_ms, |t| t as f64);
+        records.extend(Received::from_message(&m, at_ms));
+    }
+    assert!(ends.is_empty(), "final drain: partitions not read to the end in {timeout:?}: {ends:?}");
+    records
 }
 
 /// One client: a loop of transactions of every kind until the deadline. Returns the commit time

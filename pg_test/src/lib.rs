@@ -294,11 +294,24 @@ impl Cluster {
         ));
         std::fs::write(&conf, text).expect("write standby postgresql.conf");
         let _ = std::fs::remove_file(standby.dir.join("postgres.log"));
-        as_postgres(format!(
-            "{bin}/pg_ctl -D '{}' -l '{}/postgres.log' -w -t 60 start",
-            standby.dir.display(),
-            standby.dir.display()
-        ));
+        let start = Command::new("su")
+            .args([
+                "postgres",
+                "-s",
+                "/bin/bash",
+                "-c",
+                &format!("{bin}/pg_ctl -D '{0}' -l '{0}/postgres.log' -w -t 120 start", standby.dir.display()),
+            ])
+            .output()
+            .expect("run pg_ctl");
+        // pg_ctl itself says little: the server's log says why a standby did not come up.
+        assert!(
+            start.status.success(),
+            "the standby did not start: {}{}\n--- its log:\n{}",
+            String::from_utf8_lossy(&start.stdout),
+            String::from_utf8_lossy(&start.stderr),
+            standby.log()
+        );
         standby
     }
 

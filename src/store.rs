@@ -207,7 +207,9 @@ pub fn read_batch(batch_size: i64) -> Work {
                 batch.fresh.push(message_from_row(&row, 0, false)?);
             }
             batch.window_continues = batch.fresh.len() as i64 >= batch_size;
-            if !batch.fresh.is_empty() {
+            // A continued window that turns out empty (its row count was a multiple of the batch
+            // size) must still be closed, or the watermark never moves past it.
+            if !batch.fresh.is_empty() || !new_window {
                 batch.window_changed = true;
             }
 

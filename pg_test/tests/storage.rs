@@ -88,3 +88,21 @@ fn with_retention_delivered_messages_stay_for_the_retention_period_then_go() {
     }
     assert!(enqueued.elapsed() >= Duration::from_secs(8), "gone after {:?}", enqueued.elapsed());
 }
+
+#[test]
+fn a_backlog_of_exactly_a_whole_number_of_batches_does_not_stall_later_messages() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "pg_outbox.batch_size = 10");
+    let topic = unique("whole-batches");
+    let mut db = c.client();
+    // One commit of 20 messages: a snapshot window of exactly two full batches.
+    db.execute(
+        "SELECT count(outbox.enqueue_message($1, to_jsonb(i), key => 'k')) FROM generate_series(0, 19) i",
+        &[&topic],
+    )
+    .unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 20, Duration::from_secs(30)).len(), 20);
+    db.execute("SELECT outbox.enqueue_message($1, to_jsonb(20), key => 'k')", &[&topic]).unwrap();
+    let records = read_topic(&bootstrap, &topic, 21, Duration::from_secs(30));
+    assert_eq!(pg_outbox_tests::payloads(&records).last().map(String::as_str), Some("20"));
+}

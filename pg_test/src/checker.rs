@@ -8,9 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -335,7 +332,9 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     let prefix = unique("chk");
     let topics: Vec<String> = (0..workload.topics).map(|i| format!("{prefix}-t{i}")).collect();
     setup_schema(&cluster, &topics, workload);
-    create_topics(&bootstrap, &topics);
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    // A broker that will not create them up front (Tansu may not) gets them from the worker.
+    let _ = crate::create_topics(&bootstrap, &names, -1, &[]);
 
     let stop_consumer = Arc::new(AtomicBool::new(false));
     let received: Arc<Mutex<Vec<Received>>> = Arc::new(Mutex::new(Vec::new()));
@@ -439,14 +438,6 @@ fn setup_schema(cluster: &Cluster, topics: &[String], w: &Workload) {
             db.execute("INSERT INTO checker_keys (topic, key) VALUES ($1, $2)", &[t, &format!("long{c}")]).unwrap();
         }
     }
-}
-
-fn create_topics(bootstrap: &str, topics: &[String]) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(-1))).collect();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
-    let _ = runtime.block_on(admin.create_topics(new.iter(), &AdminOptions::new()));
 }
 
 fn consume(bootstrap: &str, topics: &[String], stop: &AtomicBool, received: &Mutex<Vec<Received>>) {

@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -417,6 +420,30 @@ impl Record {
 
 pub fn consumer(bootstrap: &str) -> BaseConsumer {
     consumer_with(bootstrap, &[])
+}
+
+/// Creates `topics` with three partitions (an existing one is left as it is). `replication` -1
+/// takes the broker's default; `config` sets topic properties (e.g. message.timestamp.type).
+/// Returns the topics the broker would not create, with its reason.
+pub fn create_topics(
+    bootstrap: &str,
+    topics: &[&str],
+    replication: i32,
+    config: &[(&str, &str)],
+) -> Vec<(String, RDKafkaErrorCode)> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| config.iter().fold(NewTopic::new(t, 3, TopicReplication::Fixed(replication)), |n, (k, v)| n.set(k, v)))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    let results = runtime.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics");
+    results
+        .into_iter()
+        .filter_map(Result::err)
+        .filter(|(_, code)| *code != RDKafkaErrorCode::TopicAlreadyExists)
+        .collect()
 }
 
 /// A consumer with extra librdkafka properties (e.g. TLS settings).

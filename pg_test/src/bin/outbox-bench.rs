@@ -9,9 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pg_outbox_tests::{consumer, BrokerKind, Cluster, PrivateBroker};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use pg_outbox_tests::{consumer, create_topics, BrokerKind, Cluster, PrivateBroker};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
@@ -36,24 +34,6 @@ fn step(text: &str) {
 fn payload(i: u64) -> String {
     let body = format!("{{\"order_id\": {i}, \"customer\": \"c{}\", \"total\": 99.50, \"pad\": \"", i % 1000);
     format!("{body}{}\"}}", "x".repeat(300 - body.len() - 2))
-}
-
-/// Bench topics are created up front with LogAppendTime: a record's timestamp is the moment the
-/// broker appended it, so every forwarder's rate is read the same way, from the topic itself.
-fn create_topics(bootstrap: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)).set("message.timestamp.type", "LogAppendTime"))
-        .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let results = runtime.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics");
-    for r in results {
-        if let Err((topic, code)) = r {
-            assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "cannot create {topic}");
-        }
-    }
 }
 
 /// What a topic holds: record count, and the broker's append time of its first and last record
@@ -749,7 +729,9 @@ fn main() {
              pg_outbox.retry_backoff_max = '1s'"
         ),
     );
-    create_topics(
+    // LogAppendTime: a record's timestamp is the moment the broker appended it, so every
+    // forwarder's rate is read the same way, from the topic itself.
+    let refused = create_topics(
         &broker.bootstrap(),
         &[
             "bench.raw",
@@ -763,7 +745,10 @@ fn main() {
             "outbox.event.latency",
             "outbox.event.latency_tuned",
         ],
+        1,
+        &[("message.timestamp.type", "LogAppendTime")],
     );
+    assert!(refused.is_empty(), "the broker refused bench topics: {refused:?}");
     let mut bench = Bench { cluster, broker, results: BTreeMap::new(), notes: Vec::new(), batch_size };
     bench.sql(
         "CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer int NOT NULL, total numeric NOT NULL, created_at timestamptz DEFAULT now());

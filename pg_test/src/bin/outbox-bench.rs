@@ -862,9 +862,14 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
         if env.is_empty() { "defaults".to_string() } else { env.join(", ") },
         bench.batch_size
     ));
-    md.push_str("\n## Notes\n\n");
-    for n in &bench.notes {
-        md.push_str(&format!("- {n}\n"));
+    if !bench.notes.is_empty() {
+        md.push_str("\n## Notes from this run\n\n");
+        for n in &bench.notes {
+            md.push_str(&format!("- {n}\n"));
+        }
     }
+    // The profile and what it led to are written by hand, kept across regenerations.
+    md.push('\n');
+    md.push_str(&std::fs::read_to_string("docs/BENCHMARKS.profile.md").unwrap_or_default());
     md
 }

@@ -363,6 +363,10 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        // As a backend does between transactions (it sends at most once a second): without it the
+        // worker's writes to worker_state and topics never reach pg_stat_user_tables, and
+        // autovacuum never sees their dead row versions.
+        unsafe { pg_sys::pgstat_report_stat(false) };
         match worker.cycle() {
             Next::Continue => continue,
             Next::Exit => break,

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pg_outbox_tests::{consumer, create_topics, BrokerKind, Cluster, PrivateBroker};
@@ -534,8 +534,6 @@ fn wait_delivered(delivered: impl Fn() -> i64, n: i64, timeout: Duration) -> (f6
 struct Acks {
     count: AtomicU64,
     errors: AtomicU64,
-    first: Mutex<Option<f64>>,
-    last: Mutex<f64>,
 }
 
 struct AckCounter(Arc<Acks>);
@@ -547,13 +545,6 @@ impl ProducerContext for AckCounter {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         let acks = &self.0;
         if result.is_ok() {
-            let now = now_s();
-            if let Ok(mut f) = acks.first.lock() {
-                f.get_or_insert(now);
-            }
-            if let Ok(mut l) = acks.last.lock() {
-                *l = now;
-            }
             acks.count.fetch_add(1, Ordering::Relaxed);
         } else {
             acks.errors.fetch_add(1, Ordering::Relaxed);
@@ -578,8 +569,6 @@ fn raw_produce(bootstrap: &str, topic: &str, n: usize) {
     let acks = Arc::new(Acks {
         count: AtomicU64::new(0),
         errors: AtomicU64::new(0),
-        first: Mutex::new(None),
-        last: Mutex::new(0.0),
     });
     let producer: ThreadedProducer<AckCounter> =
         producer_config(bootstrap).create_with_context(AckCounter(acks.clone())).expect("raw producer");

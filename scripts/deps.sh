@@ -47,7 +47,8 @@ kafka() {
 }
 
 tansu() {
-  if ! command -v tansu > /dev/null; then
+  # type -P: this function is itself named tansu, so `command -v tansu` would always succeed.
+  if ! type -P tansu > /dev/null; then
     step "installing Tansu (cargo install, about 15 minutes on a cold machine)"
     cargo install tansu --locked --features dynostore,libsql
   fi

@@ -1,11 +1,13 @@
 //! The one place where the worker opens transactions and talks SPI. Every function here runs one
 //! short transaction and returns plain Rust values; the caller does network I/O only after it
 //! returned, with no transaction or lock held.
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 
-use pgrx::pg_sys;
+use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
 
 use pg_outbox_bgworker::{parse_headers, OutboundMessage};
 
@@ -33,6 +35,45 @@ pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
     result
 }
 
+thread_local! {
+    /// The statements the worker runs every cycle, planned once per process (SPI_keepplan).
+    /// Postgres re-plans a kept plan by itself when the tables under it change (ALTER or DROP and
+    /// CREATE EXTENSION); they are only run once the extension is known to be installed.
+    static PLANS: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// Plans `sql` (parameter `types`) once and keeps it under `name`.
+fn prepare_once(client: &SpiClient, name: &'static str, sql: &str, types: &[PgOid]) -> SpiResult<()> {
+    if !PLANS.with(|plans| plans.borrow().contains_key(name)) {
+        let plan = client.prepare_mut(sql, types)?.keep();
+        PLANS.with(|plans| plans.borrow_mut().insert(name, plan));
+    }
+    Ok(())
+}
+
+/// Runs `run` with the kept plan `name` (see `prepare_once`).
+fn run_plan<R>(name: &'static str, run: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>) -> SpiResult<R> {
+    PLANS.with(|plans| match plans.borrow().get(name) {
+        Some(plan) => run(plan),
+        None => Err(pgrx::spi::Error::NoTupleTable),
+    })
+}
+
+/// A read-only statement through a kept plan.
+fn with_plan<R>(
+    client: &SpiClient,
+    name: &'static str,
+    sql: &str,
+    run: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
+) -> SpiResult<R> {
+    prepare_once(client, name, sql, &[])?;
+    run_plan(name, run)
+}
+
+fn oid(builtin: PgBuiltInOids) -> PgOid {
+    PgOid::BuiltIn(builtin)
+}
+
 /// The version of the extension's SQL objects this library works with.
 pub const SQL_VERSION: &str = "0.2.0";
 
@@ -51,12 +92,13 @@ fn extension_installed() -> bool {
 }
 
 /// The installed version of the extension's SQL objects.
-fn extension_version(client: &pgrx::spi::SpiClient) -> SpiResult<String> {
-    Ok(client
-        .select("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox'", Some(1), &[])?
-        .first()
-        .get::<String>(1)?
-        .unwrap_or_default())
+fn extension_version(client: &SpiClient) -> SpiResult<String> {
+    with_plan(
+        client,
+        "extension_version",
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_outbox'",
+        |plan| Ok(client.select(plan, Some(1), &[])?.first().get::<String>(1)?.unwrap_or_default()),
+    )
 }
 
 /// True while another session waits to drop (or rename) this database: DROP DATABASE holds an
@@ -122,7 +164,7 @@ pub struct Destination {
 const MESSAGE_COLUMNS: &str =
     "id, topic, key, coalesce(payload, convert_to(json_payload::text, 'UTF8')), headers::text";
 
-fn message_from_row(row: &pgrx::spi::SpiHeapTupleData, attempts: i32, held: bool) -> SpiResult<OutboundMessage> {
+fn message_from_row(row: &SpiHeapTupleData, attempts: i32, held: bool) -> SpiResult<OutboundMessage> {
     let headers: Option<String> = row.get(5)?;
     Ok(OutboundMessage {
         id: row.get(1)?.unwrap_or_default(),
@@ -152,29 +194,42 @@ pub fn read_batch(batch_size: i64) -> Work {
                 return Ok(Work::OutdatedExtension(version));
             }
             let mut batch = Batch::default();
-            let state = client
-                .select(
-                    "SELECT pg_snapshot_xmax(done_snapshot)::text,
-                            ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text),
-                            coalesce(window_snapshot, pg_current_snapshot())::text,
-                            window_snapshot IS NULL,
-                            coalesce(window_last_id, -1),
-                            current_slot
-                     FROM outbox.worker_state",
-                    Some(1),
-                    &[],
-                )?
-                .first();
-            let done_xmax: String = state.get(1)?.unwrap_or_default();
-            let done_xip: Vec<String> = state.get(2)?.unwrap_or_default();
-            batch.window = state.get(3)?.unwrap_or_default();
-            let new_window: bool = state.get(4)?.unwrap_or(true);
-            let last_id: i64 = state.get(5)?.unwrap_or(-1);
-            batch.current_slot = state.get(6)?.unwrap_or(0);
+            // Everything a cycle needs to know besides the messages, in one statement.
+            let (done_xmax, done_xip, new_window, last_id, destinations_exist, held_exist) = with_plan(
+                client,
+                "read_state",
+                "SELECT pg_snapshot_xmax(done_snapshot)::text,
+                        ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text),
+                        coalesce(window_snapshot, pg_current_snapshot())::text,
+                        window_snapshot IS NULL,
+                        coalesce(window_last_id, -1),
+                        current_slot,
+                        ARRAY(SELECT topic FROM outbox.topics WHERE paused),
+                        EXISTS (SELECT 1 FROM outbox.destinations),
+                        EXISTS (SELECT 1 FROM outbox.held_messages)
+                 FROM outbox.worker_state",
+                |plan| {
+                    let state = client.select(plan, Some(1), &[])?.first();
+                    batch.window = state.get(3)?.unwrap_or_default();
+                    batch.current_slot = state.get(6)?.unwrap_or(0);
+                    let paused: Vec<String> = state.get(7)?.unwrap_or_default();
+                    batch.paused_topics.extend(paused);
+                    Ok((
+                        state.get::<String>(1)?.unwrap_or_default(),
+                        state.get::<Vec<String>>(2)?.unwrap_or_default(),
+                        state.get::<bool>(4)?.unwrap_or(true),
+                        state.get::<i64>(5)?.unwrap_or(-1),
+                        state.get::<bool>(8)?.unwrap_or(false),
+                        state.get::<bool>(9)?.unwrap_or(false),
+                    ))
+                },
+            )?;
             batch.window_changed = new_window;
 
             // A new window starts from the unsettled rows, found through the txid index (few in
-            // steady state). A window too large for one batch continues by id from where the
+            // steady state), then fetched through the id index: `id = ANY (ARRAY(...))` rather
+            // than `id IN (...)`, which the planner may turn into a hash join over a sequential
+            // scan of every message still stored. A window too large for one batch continues by id from where the
             // last batch ended, through the id index (a backlog is mostly window rows in id order).
             let query = if new_window {
                 format!(
@@ -186,7 +241,7 @@ pub fn read_batch(batch_size: i64) -> Work {
                          WHERE id > $1 AND pg_visible_in_snapshot(txid, $4::pg_snapshot)
                          ORDER BY id LIMIT $5
                      )
-                     SELECT {MESSAGE_COLUMNS} FROM outbox.messages WHERE id IN (SELECT id FROM batch)
+                     SELECT {MESSAGE_COLUMNS} FROM outbox.messages WHERE id = ANY (ARRAY(SELECT id FROM batch))
                      ORDER BY id"
                 )
             } else {
@@ -213,31 +268,10 @@ pub fn read_batch(batch_size: i64) -> Work {
                 batch.window_changed = true;
             }
 
-            for row in client.select("SELECT topic FROM outbox.topics WHERE paused", None, &[])? {
-                if let Some(t) = row.get::<String>(1)? {
-                    batch.paused_topics.insert(t);
-                }
+            if destinations_exist {
+                read_destinations(client, &mut batch)?;
             }
-            for row in client.select(
-                "SELECT topic, kafka_topic, bootstrap_servers, kafka_properties FROM outbox.destinations",
-                None,
-                &[],
-            )? {
-                if let Some(topic) = row.get::<String>(1)? {
-                    let destination = Destination {
-                        kafka_topic: row.get(2)?,
-                        bootstrap_servers: row.get(3)?,
-                        kafka_properties: row.get(4)?,
-                    };
-                    batch.destinations.insert(topic, destination);
-                }
-            }
-            let held_exists: bool = client
-                .select("SELECT EXISTS (SELECT 1 FROM outbox.held_messages)", Some(1), &[])?
-                .first()
-                .get(1)?
-                .unwrap_or(false);
-            if held_exists {
+            if held_exist {
                 read_held(client, &mut batch, batch_size)?;
             }
             Ok(Work::Batch(batch))
@@ -246,10 +280,25 @@ pub fn read_batch(batch_size: i64) -> Work {
     })
 }
 
+fn read_destinations(client: &SpiClient, batch: &mut Batch) -> SpiResult<()> {
+    for row in client.select(
+        "SELECT topic, kafka_topic, bootstrap_servers, kafka_properties FROM outbox.destinations",
+        None,
+        &[],
+    )? {
+        if let Some(topic) = row.get::<String>(1)? {
+            let destination =
+                Destination { kafka_topic: row.get(2)?, bootstrap_servers: row.get(3)?, kafka_properties: row.get(4)? };
+            batch.destinations.insert(topic, destination);
+        }
+    }
+    Ok(())
+}
+
 /// A delayed message that is not due yet stands outside its key's line: it blocks nothing.
 const IN_LINE: &str = "NOT (h.delayed AND h.attempts = 0 AND h.next_attempt_at > now())";
 
-fn read_held(client: &pgrx::spi::SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
+fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
     for row in client.select(
         &format!("SELECT DISTINCT topic, key FROM outbox.held_messages h WHERE key IS NOT NULL AND {IN_LINE}"),
         None,
@@ -380,7 +429,9 @@ pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                     topics.iter().map(|t| s.delivered_topics.iter().filter(|d| d == t).count() as i64).collect();
                 let refused: Vec<i64> =
                     topics.iter().map(|t| s.refused_topics.iter().filter(|d| d == t).count() as i64).collect();
-                client.update(
+                prepare_once(
+                    client,
+                    "count_deliveries",
                     "INSERT INTO outbox.topics AS t (topic, delivered_total, failed_attempts, last_delivered_at, delivery_rate)
                      SELECT topic, delivered, refused, CASE WHEN delivered > 0 THEN now() END, delivered / 60.0
                      FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(topic, delivered, refused)
@@ -392,27 +443,35 @@ pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                              + excluded.delivered_total / 60.0,
                          failed_attempts = t.failed_attempts + excluded.failed_attempts,
                          last_delivered_at = coalesce(excluded.last_delivered_at, t.last_delivered_at)",
-                    None,
-                    &[names.into(), delivered.into(), refused.into()],
+                    &[oid(PgBuiltInOids::TEXTARRAYOID), oid(PgBuiltInOids::INT8ARRAYOID), oid(PgBuiltInOids::INT8ARRAYOID)],
                 )?;
+                run_plan("count_deliveries", |plan| {
+                    client.update(plan, None, &[names.into(), delivered.into(), refused.into()]).map(drop)
+                })?;
             }
             if s.window_changed {
                 let delivered = s.delivered_topics.len() as i64;
-                if s.window_continues {
-                    client.update(
-                        "UPDATE outbox.worker_state SET window_snapshot = $1::pg_snapshot, window_last_id = $2,
-                                delivered_total = delivered_total + $3",
-                        None,
-                        &[s.window.clone().into(), s.last_fresh_id.into(), delivered.into()],
-                    )?;
-                } else {
-                    client.update(
-                        "UPDATE outbox.worker_state SET done_snapshot = $1::pg_snapshot, window_snapshot = NULL,
-                                window_last_id = NULL, delivered_total = delivered_total + $2",
-                        None,
-                        &[s.window.clone().into(), delivered.into()],
-                    )?;
-                }
+                // A window that continues keeps its place by id; a finished one becomes the
+                // watermark.
+                prepare_once(
+                    client,
+                    "advance_watermark",
+                    "UPDATE outbox.worker_state
+                     SET done_snapshot = CASE WHEN $2 THEN done_snapshot ELSE $1::pg_snapshot END,
+                         window_snapshot = CASE WHEN $2 THEN $1::pg_snapshot END,
+                         window_last_id = CASE WHEN $2 THEN $3 END,
+                         delivered_total = delivered_total + $4",
+                    &[
+                        oid(PgBuiltInOids::TEXTOID),
+                        oid(PgBuiltInOids::BOOLOID),
+                        oid(PgBuiltInOids::INT8OID),
+                        oid(PgBuiltInOids::INT8OID),
+                    ],
+                )?;
+                run_plan("advance_watermark", |plan| {
+                    let args = [s.window.clone().into(), s.window_continues.into(), s.last_fresh_id.into(), delivered.into()];
+                    client.update(plan, None, &args).map(drop)
+                })?;
             }
             Ok(())
         })

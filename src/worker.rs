@@ -113,6 +113,11 @@ impl Worker {
         destinations: &HashMap<String, Destination>,
     ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
         let default_config = guc::sink_config().map_err(BatchError::Unavailable)?;
+        if destinations.is_empty() {
+            // Everything goes to the default cluster under its own topic name: no copies.
+            self.sinks.retain(|config, _| *config == default_config);
+            return self.send_group(default_config, messages);
+        }
         // Group by cluster, keeping each group in delivery order.
         let mut groups: Vec<(SinkConfig, Vec<usize>, Vec<OutboundMessage>)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -137,19 +142,9 @@ impl Worker {
             }
         }
         self.sinks.retain(|config, _| groups.iter().any(|g| &g.0 == config) || *config == default_config);
-        let (sysid, dboid) = (self.system_identifier, self.database_oid);
-        let message_id = move |id: i64| global_message_id(sysid, dboid, id);
         let mut reports: Vec<Option<Result<(), pg_outbox_bgworker::SendFailure>>> = vec![None; messages.len()];
         for (config, indexes, routed) in groups {
-            if !self.sinks.contains_key(&config) {
-                let sink = KafkaSink::new(config.clone()).map_err(BatchError::Unavailable)?;
-                self.sinks.insert(config.clone(), sink);
-            }
-            let sink = self.sinks.get_mut(&config).ok_or_else(|| BatchError::Unavailable("no producer".into()))?;
-            if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
-                sink.inject_fatal_error();
-            }
-            let group_reports = sink.send_batch(&routed, &message_id, &stop_requested)?;
+            let group_reports = self.send_group(config, &routed)?;
             for (i, report) in indexes.into_iter().zip(group_reports) {
                 reports[i] = Some(report);
             }
@@ -158,6 +153,25 @@ impl Worker {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(pg_outbox_bgworker::SendFailure::Unavailable("not sent".into()))))
             .collect())
+    }
+
+    /// Produces `messages` through the producer of one cluster (created on first use).
+    fn send_group(
+        &mut self,
+        config: SinkConfig,
+        messages: &[OutboundMessage],
+    ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
+        let (sysid, dboid) = (self.system_identifier, self.database_oid);
+        let message_id = move |id: i64| global_message_id(sysid, dboid, id);
+        if !self.sinks.contains_key(&config) {
+            let sink = KafkaSink::new(config.clone()).map_err(BatchError::Unavailable)?;
+            self.sinks.insert(config.clone(), sink);
+        }
+        let sink = self.sinks.get_mut(&config).ok_or_else(|| BatchError::Unavailable("no producer".into()))?;
+        if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
+            sink.inject_fatal_error();
+        }
+        sink.send_batch(messages, &message_id, &stop_requested)
     }
 
     fn maybe_rotate(&mut self) {
@@ -201,6 +215,7 @@ impl Worker {
         };
         shmem::update(self.slot, |s| s.current_slot = batch.current_slot);
         let retry_count = batch.retries.len();
+        let next_due_in = batch.next_due_in;
         let plan = plan_batch(batch.retries, batch.fresh, &batch.blocked_keys, &batch.paused_topics);
         let mut settlement = Settlement {
             window: batch.window,
@@ -222,9 +237,7 @@ impl Worker {
             }
             self.maybe_rotate();
             self.set_state(WorkerState::Idle);
-            let wait = batch
-                .next_due_in
-                .map_or(poll_interval(), |secs| Duration::from_secs_f64(secs.max(0.001)).min(poll_interval()));
+            let wait = until_due(next_due_in);
             shmem::update(self.slot, |s| s.wakeups_empty += 1);
             return Next::Sleep(wait);
         }
@@ -275,7 +288,15 @@ impl Worker {
             s.delivered += delivered;
         });
         self.maybe_rotate();
-        Next::Continue
+        // Go again at once only if there is known work. Otherwise wait on the latch: a commit
+        // that lands while this cycle ran has set it, so the wait returns at once; without one,
+        // reading again would only find nothing.
+        let more = settlement.window_continues || retry_count > 0 || !settlement.hold_fresh.is_empty();
+        if more {
+            return Next::Continue;
+        }
+        self.set_state(WorkerState::Idle);
+        Next::Sleep(until_due(next_due_in))
     }
 }
 
@@ -301,6 +322,11 @@ fn settle(s: &mut Settlement, sent: &[OutboundMessage], held_back: &[OutboundMes
     // Held rows queue up in delivery (id) order within the window.
     hold.sort_by_key(|h| h.0);
     s.hold_fresh = hold;
+}
+
+/// How long to sleep: until the next held message falls due, at most the poll interval.
+fn until_due(next_due_in: Option<f64>) -> Duration {
+    next_due_in.map_or(poll_interval(), |secs| Duration::from_secs_f64(secs.max(0.001)).min(poll_interval()))
 }
 
 fn poll_interval() -> Duration {
@@ -330,6 +356,18 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // The worker's own commits (the watermark, held and dead messages, rotation) do not wait for
+    // their WAL flush. Losing the last of them in a crash only rolls the watermark back, and what
+    // it covered is sent again: at-least-once, as after a crash between the acks and the record.
+    // WAL is flushed in order, so no later state survives an earlier lost one.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
     let database_oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let Some(slot) = shmem::claim_slot(database_oid, &database) else {
         warning!("pg_outbox: no free worker slot for database \"{database}\"");

@@ -195,6 +195,7 @@ impl KafkaSink {
         for m in messages {
             pending.push(self.enqueue(m, &message_id(m.id), should_stop)?);
         }
+        self.flush(should_stop)?;
         let mut reports = Vec::with_capacity(pending.len());
         for p in pending {
             let report = match p {
@@ -217,6 +218,24 @@ impl KafkaSink {
             reports.push(report);
         }
         Ok(reports)
+    }
+
+    /// Sends what was produced now, not after `linger.ms`: the worker waits for every report of
+    /// the batch anyway, and the linger would only add to each message's commit-to-broker latency.
+    /// (librdkafka treats linger as elapsed while a flush is under way; rdkafka's own `flush`
+    /// calls it with a zero timeout, which ends the flush before the broker thread sees it.)
+    fn flush(&self, should_stop: &dyn Fn() -> bool) -> Result<(), BatchError> {
+        use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT;
+        loop {
+            let err = unsafe { rdkafka_sys::rd_kafka_flush(self.producer.client().native_ptr(), 100) };
+            if err != RD_KAFKA_RESP_ERR__TIMED_OUT {
+                // Done, or an error the delivery reports will name.
+                return Ok(());
+            }
+            if should_stop() {
+                return Err(BatchError::Interrupted);
+            }
+        }
     }
 
     /// Hands one message to librdkafka, waiting while its local queue is full.

@@ -36,9 +36,16 @@ fn invalid(code: PgSqlErrorCode, message: String) -> ! {
     ereport!(ERROR, code, message);
 }
 
-/// Checks one message before `enqueue_message` inserts it, and arms the commit wake-up.
+/// Checks one message before `enqueue_message` inserts it, and arms the commit wake-up (the
+/// PL/pgSQL `enqueue_message` of SQL versions before 0.3.0).
 #[pg_extern(name = "_prepare_enqueue")]
 fn prepare_enqueue(topic: Option<&str>, _key: Option<&str>, headers: Option<JsonB>, payload_bytes: Option<i32>) {
+    check_message(topic, headers, payload_bytes);
+    wake_on_commit();
+}
+
+/// Refuses a message Kafka would refuse, with a SQLSTATE the caller can act on.
+pub(crate) fn check_message(topic: Option<&str>, headers: Option<JsonB>, payload_bytes: Option<i32>) {
     let Some(topic) = topic else {
         invalid(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "topic must not be NULL".into());
     };
@@ -66,12 +73,11 @@ fn prepare_enqueue(topic: Option<&str>, _key: Option<&str>, headers: Option<Json
             format!("payload is {size} bytes, more than pg_outbox.max_message_bytes ({limit})"),
         );
     }
-    wake_on_commit();
 }
 
 /// Sets the worker's latch when the current transaction commits.
 #[pg_extern(name = "_wake_on_commit")]
-fn wake_on_commit() {
+pub(crate) fn wake_on_commit() {
     if !CALLBACK_REGISTERED.swap(true, Ordering::Relaxed) {
         unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
     }

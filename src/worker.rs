@@ -339,6 +339,18 @@ fn backoff_table() -> Vec<f64> {
     (1..=guc::MAX_ATTEMPTS.get().max(1) as u32 + 1).map(|n| backoff.after_failures(n).as_secs_f64()).collect()
 }
 
+/// A setting for this process only, which postgresql.conf reloads do not undo.
+fn worker_setting(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    unsafe {
+        pg_sys::SetConfigOption(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
+    };
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn on_worker_exit(_code: i32, arg: pg_sys::Datum) {
     let slot = arg.value();
@@ -360,14 +372,17 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     // their WAL flush. Losing the last of them in a crash only rolls the watermark back, and what
     // it covered is sent again: at-least-once, as after a crash between the acks and the record.
     // WAL is flushed in order, so no later state survives an earlier lost one.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        )
-    };
+    worker_setting(c"synchronous_commit", c"off");
+    // Every statement of the worker is built to run on an index, and the statistics of the slot
+    // partitions are always stale (insert-only, TRUNCATEd every few seconds), so the planner
+    // cannot see that the unsettled rows are few. A sequential scan of a slot per cycle is what
+    // it picked when it guessed. With scans pinned to the indexes, the per-cycle statements are
+    // planned once per process (generic plans) instead of once per cycle.
+    worker_setting(c"enable_seqscan", c"off");
+    worker_setting(c"plan_cache_mode", c"force_generic_plan");
+    // Short statements only; and a plan whose only path is a disabled sequential scan costs
+    // more than jit_above_cost, which would JIT-compile it on every run.
+    worker_setting(c"jit", c"off");
     let database_oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let Some(slot) = shmem::claim_slot(database_oid, &database) else {
         warning!("pg_outbox: no free worker slot for database \"{database}\"");

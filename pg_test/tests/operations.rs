@@ -253,7 +253,7 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, "0.3.0");
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
         &[&topic],

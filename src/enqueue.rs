@@ -1,0 +1,174 @@
+//! `outbox.enqueue_message()` (SQL version 0.3.0 on): the checks and the INSERT in one C
+//! function, in the caller's transaction. It writes straight into the current storage slot's
+//! partition through a plan kept for the session, so a call costs no PL/pgSQL, no
+//! `SET search_path` switch and no partition routing. The statements it runs name every object
+//! with its schema and take typed parameters, so the caller's search_path cannot redirect them
+//! (the function is SECURITY DEFINER).
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
+use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{JsonB, PgSqlErrorCode};
+
+use crate::api::{check_message, wake_on_commit};
+use crate::shmem;
+
+thread_local! {
+    /// The INSERT into each slot's partition, planned on first use in this session.
+    static INSERTS: RefCell<HashMap<i16, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    /// Delayed messages (deliver_at / deliver_after) take the PL/pgSQL path: rare, and it
+    /// chooses between the slot partitions and held_messages.
+    static DELAYED: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+}
+
+#[derive(Clone, Copy)]
+enum PayloadKind {
+    Json,
+    Bytes,
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_enqueue_json_message() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_enqueue_bytea_message() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// enqueue_message(topic text, payload jsonb, key text, headers jsonb, deliver_after interval,
+/// deliver_at timestamptz) RETURNS bigint
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn enqueue_json_message(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    enqueue(fcinfo, PayloadKind::Json)
+}
+
+/// enqueue_message(topic text, payload bytea, ...), as above.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn enqueue_bytea_message(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    enqueue(fcinfo, PayloadKind::Bytes)
+}
+
+/// Argument `n` as it came, or NULL.
+unsafe fn raw_arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
+    (!pg_arg_is_null(fcinfo, n)).then(|| pg_getarg_datum_raw(fcinfo, n))
+}
+
+unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys::Datum {
+    let topic_datum = raw_arg(fcinfo, 0);
+    let payload = raw_arg(fcinfo, 1);
+    let key = raw_arg(fcinfo, 2);
+    let headers = raw_arg(fcinfo, 3);
+    let deliver_after = raw_arg(fcinfo, 4);
+    let deliver_at = raw_arg(fcinfo, 5);
+
+    let topic: Option<&str> = pg_getarg(fcinfo, 0);
+    let header_values = headers.and_then(|d| JsonB::from_datum(d, false));
+    let payload_bytes = payload.map(|d| payload_len(d, kind));
+    check_message(topic, header_values, payload_bytes);
+
+    let (json, bytes) = match kind {
+        PayloadKind::Json => (payload, None),
+        PayloadKind::Bytes => (None, payload),
+    };
+    let arg = |datum: Option<pg_sys::Datum>, oid: PgBuiltInOids| match datum {
+        Some(d) => DatumWithOid::new(d, oid.value()),
+        None => DatumWithOid::null_oid(oid.value()),
+    };
+    let mut args = vec![
+        arg(topic_datum, PgBuiltInOids::TEXTOID),
+        arg(key, PgBuiltInOids::TEXTOID),
+        arg(bytes, PgBuiltInOids::BYTEAOID),
+        arg(json, PgBuiltInOids::JSONBOID),
+        arg(headers, PgBuiltInOids::JSONBOID),
+    ];
+    let id = if deliver_after.is_some() || deliver_at.is_some() {
+        args.push(arg(deliver_at, PgBuiltInOids::TIMESTAMPTZOID));
+        args.push(arg(deliver_after, PgBuiltInOids::INTERVALOID));
+        insert_delayed(&args)
+    } else {
+        insert(shmem::current_slot(pg_sys::MyDatabaseId.to_u32()), &args)
+    };
+    let id = match id {
+        Ok(id) => id,
+        Err(e) => {
+            ereport!(ERROR, PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("cannot store the message: {e}"));
+        }
+    };
+    wake_on_commit();
+    pg_sys::Datum::from(id)
+}
+
+/// The size of what Kafka receives: a JSON payload is sent as its text form.
+unsafe fn payload_len(datum: pg_sys::Datum, kind: PayloadKind) -> i32 {
+    let len = match kind {
+        PayloadKind::Bytes => pg_sys::toast_raw_datum_size(datum) - pg_sys::VARHDRSZ,
+        PayloadKind::Json => {
+            let jsonb = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::Jsonb;
+            let text = pg_sys::JsonbToCString(
+                std::ptr::null_mut(),
+                &mut (*jsonb).root,
+                pgrx::varlena::varsize_any(jsonb as *const pg_sys::varlena) as i32,
+            );
+            CStr::from_ptr(text).to_bytes().len()
+        }
+    };
+    i32::try_from(len).unwrap_or(i32::MAX)
+}
+
+fn types(extra: &[PgBuiltInOids]) -> Vec<PgOid> {
+    [
+        PgBuiltInOids::TEXTOID,
+        PgBuiltInOids::TEXTOID,
+        PgBuiltInOids::BYTEAOID,
+        PgBuiltInOids::JSONBOID,
+        PgBuiltInOids::JSONBOID,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|&oid| PgOid::BuiltIn(oid))
+    .collect()
+}
+
+fn insert(slot: i16, args: &[DatumWithOid]) -> Result<i64, pgrx::spi::Error> {
+    Spi::connect_mut(|client| {
+        INSERTS.with(|plans| {
+            let mut plans = plans.borrow_mut();
+            if !plans.contains_key(&slot) {
+                let sql = format!(
+                    "INSERT INTO outbox.messages_{slot} (slot, topic, key, payload, json_payload, headers)
+                     VALUES ('{slot}', $1, $2, $3, $4, $5) RETURNING id"
+                );
+                plans.insert(slot, client.prepare_mut(&sql, &types(&[]))?.keep());
+            }
+            let plan = plans.get(&slot).ok_or(pgrx::spi::Error::NoTupleTable)?;
+            client.update(plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)
+        })
+    })
+}
+
+fn insert_delayed(args: &[DatumWithOid]) -> Result<i64, pgrx::spi::Error> {
+    Spi::connect_mut(|client| {
+        DELAYED.with(|plan| {
+            let mut plan = plan.borrow_mut();
+            if plan.is_none() {
+                let sql = "SELECT outbox._store_message($1, $2, $3, $4, $5,
+                                  coalesce($6, pg_catalog.now() OPERATOR(pg_catalog.+) $7))";
+                let types = types(&[PgBuiltInOids::TIMESTAMPTZOID, PgBuiltInOids::INTERVALOID]);
+                *plan = Some(client.prepare_mut(sql, &types)?.keep());
+            }
+            let plan = plan.as_ref().ok_or(pgrx::spi::Error::NoTupleTable)?;
+            client.update(plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)
+        })
+    })
+}

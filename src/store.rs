@@ -378,8 +378,29 @@ pub struct Settlement {
     pub refused_topics: Vec<String>,
 }
 
+thread_local! {
+    /// The end of the last record transaction's commit in the WAL, until it is known flushed.
+    static UNFLUSHED_RECORD: std::cell::Cell<pg_sys::XLogRecPtr> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the last recorded batch durable. The worker commits asynchronously (it does not wait
+/// for the flush at commit) and calls this before it sends the next batch: the flush overlaps the
+/// next read, and a crash still loses at most the one batch in flight, as with synchronous
+/// commits.
+pub fn flush_recorded() {
+    let lsn = UNFLUSHED_RECORD.with(|u| u.replace(0));
+    if lsn != 0 {
+        unsafe { pg_sys::XLogFlush(lsn) };
+    }
+}
+
 /// Records a settled batch: advances the watermark, moves what must wait, counts deliveries.
 pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
+    record_batch(s, max_attempts, backoff_secs);
+    UNFLUSHED_RECORD.with(|u| u.set(unsafe { pg_sys::XactLastCommitEnd }));
+}
+
+fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
     transaction(false, || {
         Spi::connect_mut(|client| -> SpiResult<()> {
             if !s.hold_fresh.is_empty() {

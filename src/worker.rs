@@ -246,6 +246,7 @@ impl Worker {
             Vec::new()
         } else {
             self.set_state(WorkerState::Forwarding);
+            store::flush_recorded();
             shmem::update(self.slot, |s| s.in_flight = plan.send.len() as i32);
             let sent = self.send(&plan.send, &batch.destinations);
             shmem::update(self.slot, |s| s.in_flight = 0);
@@ -369,9 +370,9 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // The worker's own commits (the watermark, held and dead messages, rotation) do not wait for
-    // their WAL flush. Losing the last of them in a crash only rolls the watermark back, and what
-    // it covered is sent again: at-least-once, as after a crash between the acks and the record.
-    // WAL is flushed in order, so no later state survives an earlier lost one.
+    // their WAL flush; store::flush_recorded() makes a record durable before the next batch is
+    // sent, so the flush overlaps the next read. WAL is flushed in order: no later state survives
+    // an earlier lost one.
     worker_setting(c"synchronous_commit", c"off");
     // Every statement of the worker is built to walk an index, and the statistics of the slot
     // partitions are always stale (insert-only, TRUNCATEd every few seconds), so the planner

@@ -15,6 +15,10 @@ type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
 pub const SLOTS: i16 = 4;
 
+/// A storage slot this large rotates before pg_outbox.rotation_interval (about 50,000 messages
+/// of 300 bytes): at a high rate, the interval alone would let a slot grow with the rate.
+const ROTATION_BYTES: i64 = 16 * 1024 * 1024;
+
 /// Runs `body` in its own transaction. REPEATABLE READ makes every statement, and
 /// `pg_current_snapshot()`, see the same snapshot. An ERROR inside ends the worker process
 /// (exit code 1, never a crash); the launcher starts it again with backoff.
@@ -572,7 +576,16 @@ pub fn rotate(rotation_interval_secs: f64, retention_secs: f64) -> Option<i16> {
             }
             let next = (current + 1) % SLOTS;
             // Four slots must cover the retention period: rotate at least every retention / 2.
-            if age >= rotation_interval_secs.max(retention_secs / 2.0) {
+            // Without retention, a busy slot also rotates once its heap reaches ROTATION_BYTES,
+            // so storage stays about two slots of that size whatever the rate.
+            let full = retention_secs <= 0.0
+                && client
+                    .select(&format!("SELECT pg_relation_size('outbox.messages_{current}')"), Some(1), &[])?
+                    .first()
+                    .get::<i64>(1)?
+                    .unwrap_or(0)
+                    >= ROTATION_BYTES;
+            if full || age >= rotation_interval_secs.max(retention_secs / 2.0) {
                 let next_empty: bool = client
                     .select(&format!("SELECT NOT EXISTS (SELECT 1 FROM outbox.messages_{next})"), Some(1), &[])?
                     .first()

@@ -9,7 +9,7 @@ use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
 
-use pg_outbox_bgworker::{parse_headers, OutboundMessage};
+use pg_outbox_bgworker::{parse_headers, OutboundMessage, TopicCount};
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
@@ -76,6 +76,49 @@ fn with_plan<R>(
 
 fn oid(builtin: PgBuiltInOids) -> PgOid {
     PgOid::BuiltIn(builtin)
+}
+
+thread_local! {
+    /// Where worker_state's one row is, as the worker last wrote it (empty: not known yet).
+    static STATE_CTID: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Plans a statement on worker_state's row twice, under `names`: addressed by ctid (a TID scan),
+/// and as a scan of the table. `sql` has `{row}` where the WHERE clause goes and returns the
+/// row's ctid as text; the ctid is its last parameter (after `types`).
+///
+/// The worker rewrites that row every cycle, and while another session holds back the xmin
+/// horizon none of its old versions can be pruned: a scan walks every one of them (84,000 after
+/// two pinned minutes), a TID scan only the live one. Only the worker writes the row; should
+/// anything else move it (an UPDATE by hand, VACUUM FULL), the TID scan finds nothing and the
+/// statement runs once as a scan.
+fn prepare_on_state_row(client: &SpiClient, names: [&'static str; 2], sql: &str, types: &[PgOid]) -> SpiResult<()> {
+    let mut all_types = types.to_vec();
+    all_types.push(oid(PgBuiltInOids::TEXTOID));
+    let by_ctid = format!("WHERE ctid = ${}::tid", all_types.len());
+    prepare_once(client, names[0], &sql.replace("{row}", &by_ctid), &all_types)?;
+    prepare_once(client, names[1], &sql.replace("{row}", ""), &all_types)
+}
+
+/// Runs a statement of `prepare_on_state_row` through `run` (given the plan and the ctid), by
+/// ctid first; remembers the ctid the row has now (the last column of the first row returned).
+fn on_state_row<'c>(
+    names: [&'static str; 2],
+    mut run: impl FnMut(&OwnedPreparedStatement, String) -> SpiResult<pgrx::spi::SpiTupleTable<'c>>,
+) -> SpiResult<pgrx::spi::SpiTupleTable<'c>> {
+    let known = STATE_CTID.with(|c| c.borrow().clone());
+    let mut rows = None;
+    if !known.is_empty() {
+        rows = Some(run_plan(names[0], |plan| run(plan, known.clone()))?).filter(|r| !r.is_empty());
+    }
+    let rows = match rows {
+        Some(rows) => rows,
+        None => run_plan(names[1], |plan| run(plan, known))?,
+    }
+    .first();
+    let ctid = if rows.is_empty() { None } else { rows.get::<String>(rows.columns()?)? };
+    STATE_CTID.with(|c| *c.borrow_mut() = ctid.unwrap_or_default());
+    Ok(rows)
 }
 
 /// The version of the extension's SQL objects this library works with.
@@ -199,9 +242,10 @@ pub fn read_batch(batch_size: i64) -> Work {
             }
             let mut batch = Batch::default();
             // Everything a cycle needs to know besides the messages, in one statement.
-            let (done_xmax, done_xip, new_window, last_id, destinations_exist, held_exist) = with_plan(
+            let names = ["read_state", "read_state_scan"];
+            prepare_on_state_row(
                 client,
-                "read_state",
+                names,
                 "SELECT pg_snapshot_xmax(done_snapshot)::text,
                         ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text),
                         coalesce(window_snapshot, pg_current_snapshot())::text,
@@ -210,24 +254,24 @@ pub fn read_batch(batch_size: i64) -> Work {
                         current_slot,
                         ARRAY(SELECT topic FROM outbox.topics WHERE paused),
                         EXISTS (SELECT 1 FROM outbox.destinations),
-                        EXISTS (SELECT 1 FROM outbox.held_messages)
-                 FROM outbox.worker_state",
-                |plan| {
-                    let state = client.select(plan, Some(1), &[])?.first();
-                    batch.window = state.get(3)?.unwrap_or_default();
-                    batch.current_slot = state.get(6)?.unwrap_or(0);
-                    let paused: Vec<String> = state.get(7)?.unwrap_or_default();
-                    batch.paused_topics.extend(paused);
-                    Ok((
-                        state.get::<String>(1)?.unwrap_or_default(),
-                        state.get::<Vec<String>>(2)?.unwrap_or_default(),
-                        state.get::<bool>(4)?.unwrap_or(true),
-                        state.get::<i64>(5)?.unwrap_or(-1),
-                        state.get::<bool>(8)?.unwrap_or(false),
-                        state.get::<bool>(9)?.unwrap_or(false),
-                    ))
-                },
+                        EXISTS (SELECT 1 FROM outbox.held_messages),
+                        ctid::text
+                 FROM outbox.worker_state {row}",
+                &[],
             )?;
+            let state = on_state_row(names, |plan, ctid| client.select(plan, Some(1), &[ctid.into()]))?;
+            batch.window = state.get(3)?.unwrap_or_default();
+            batch.current_slot = state.get(6)?.unwrap_or(0);
+            let paused: Vec<String> = state.get(7)?.unwrap_or_default();
+            batch.paused_topics.extend(paused);
+            let (done_xmax, done_xip, new_window, last_id, destinations_exist, held_exist) = (
+                state.get::<String>(1)?.unwrap_or_default(),
+                state.get::<Vec<String>>(2)?.unwrap_or_default(),
+                state.get::<bool>(4)?.unwrap_or(true),
+                state.get::<i64>(5)?.unwrap_or(-1),
+                state.get::<bool>(8)?.unwrap_or(false),
+                state.get::<bool>(9)?.unwrap_or(false),
+            );
             batch.window_changed = new_window;
 
             // A new window starts from the unsettled rows, found through the txid index (few in
@@ -370,16 +414,16 @@ pub struct Settlement {
     pub window_continues: bool,
     pub window_changed: bool,
     pub last_fresh_id: Option<i64>,
-    /// Fresh messages the broker acknowledged: topic of each.
-    pub delivered_topics: Vec<String>,
+    /// How many fresh and held messages the broker acknowledged.
+    pub delivered: i64,
+    /// Per-topic counts to add to outbox.topics (empty between its writes; see TopicCounters).
+    pub topic_counts: Vec<TopicCount>,
     /// Held messages the broker acknowledged.
     pub delivered_held: Vec<i64>,
     /// Fresh messages to move to held_messages, in delivery order: (id, attempts, error).
     pub hold_fresh: Vec<(i64, i32, Option<String>)>,
     /// Held messages the broker refused again: (id, error).
     pub refused_held: Vec<(i64, String)>,
-    /// Topics of every refused message (for failed_attempts).
-    pub refused_topics: Vec<String>,
 }
 
 thread_local! {
@@ -406,6 +450,10 @@ pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
 
 fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
     transaction(false, || {
+        // Dropped since the batch was read: nothing left to record.
+        if !extension_installed() {
+            return;
+        }
         Spi::connect_mut(|client| -> SpiResult<()> {
             if !s.hold_fresh.is_empty() {
                 let ids: Vec<i64> = s.hold_fresh.iter().map(|h| h.0).collect();
@@ -463,15 +511,10 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                     &[max_attempts.into()],
                 )?;
             }
-            let mut topics: Vec<&String> = s.delivered_topics.iter().chain(&s.refused_topics).collect();
-            topics.sort();
-            topics.dedup();
-            if !topics.is_empty() {
-                let names: Vec<String> = topics.iter().map(|t| (*t).clone()).collect();
-                let delivered: Vec<i64> =
-                    topics.iter().map(|t| s.delivered_topics.iter().filter(|d| d == t).count() as i64).collect();
-                let refused: Vec<i64> =
-                    topics.iter().map(|t| s.refused_topics.iter().filter(|d| d == t).count() as i64).collect();
+            if !s.topic_counts.is_empty() {
+                let names: Vec<String> = s.topic_counts.iter().map(|c| c.topic.clone()).collect();
+                let delivered: Vec<i64> = s.topic_counts.iter().map(|c| c.delivered).collect();
+                let refused: Vec<i64> = s.topic_counts.iter().map(|c| c.refused).collect();
                 prepare_once(
                     client,
                     "count_deliveries",
@@ -493,17 +536,19 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                 })?;
             }
             if s.window_changed {
-                let delivered = s.delivered_topics.len() as i64;
                 // A window that continues keeps its place by id; a finished one becomes the
                 // watermark.
-                prepare_once(
+                let names = ["advance_watermark", "advance_watermark_scan"];
+                prepare_on_state_row(
                     client,
-                    "advance_watermark",
+                    names,
                     "UPDATE outbox.worker_state
                      SET done_snapshot = CASE WHEN $2 THEN done_snapshot ELSE $1::pg_snapshot END,
                          window_snapshot = CASE WHEN $2 THEN $1::pg_snapshot END,
                          window_last_id = CASE WHEN $2 THEN $3 END,
-                         delivered_total = delivered_total + $4",
+                         delivered_total = delivered_total + $4
+                     {row}
+                     RETURNING ctid::text",
                     &[
                         oid(PgBuiltInOids::TEXTOID),
                         oid(PgBuiltInOids::BOOLOID),
@@ -511,9 +556,15 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                         oid(PgBuiltInOids::INT8OID),
                     ],
                 )?;
-                run_plan("advance_watermark", |plan| {
-                    let args = [s.window.clone().into(), s.window_continues.into(), s.last_fresh_id.into(), delivered.into()];
-                    client.update(plan, None, &args).map(drop)
+                on_state_row(names, |plan, ctid| {
+                    let args = [
+                        s.window.clone().into(),
+                        s.window_continues.into(),
+                        s.last_fresh_id.into(),
+                        s.delivered.into(),
+                        ctid.into(),
+                    ];
+                    client.update(plan, None, &args)
                 })?;
             }
             Ok(())
@@ -532,16 +583,18 @@ pub fn rotate(rotation_interval_secs: f64, retention_secs: f64) -> Option<i16> {
             return None;
         }
         Spi::connect_mut(|client| -> SpiResult<Option<i16>> {
-            let state = client
-                .select(
-                    "SELECT current_slot, extract(epoch FROM now() - slot_switched_at)::float8,
-                            pg_snapshot_xmax(done_snapshot)::text,
-                            ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text)
-                     FROM outbox.worker_state",
-                    Some(1),
-                    &[],
-                )?
-                .first();
+            let names = ["rotation_state", "rotation_state_scan"];
+            prepare_on_state_row(
+                client,
+                names,
+                "SELECT current_slot, extract(epoch FROM now() - slot_switched_at)::float8,
+                        pg_snapshot_xmax(done_snapshot)::text,
+                        ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text),
+                        ctid::text
+                 FROM outbox.worker_state {row}",
+                &[],
+            )?;
+            let state = on_state_row(names, |plan, ctid| client.select(plan, Some(1), &[ctid.into()]))?;
             let mut current: i16 = state.get(1)?.unwrap_or(0);
             let age: f64 = state.get(2)?.unwrap_or(0.0);
             let done_xmax: String = state.get(3)?.unwrap_or_default();
@@ -592,11 +645,13 @@ pub fn rotate(rotation_interval_secs: f64, retention_secs: f64) -> Option<i16> {
                     .get(1)?
                     .unwrap_or(false);
                 if next_empty {
-                    client.update(
-                        "UPDATE outbox.worker_state SET current_slot = $1, slot_switched_at = now()",
+                    let moved = client.update(
+                        "UPDATE outbox.worker_state SET current_slot = $1, slot_switched_at = now() RETURNING ctid::text",
                         None,
                         &[next.into()],
                     )?;
+                    let ctid = moved.first().get_one::<String>()?.unwrap_or_default();
+                    STATE_CTID.with(|c| *c.borrow_mut() = ctid);
                     current = next;
                 }
             }

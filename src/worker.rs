@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 
 use pg_outbox_bgworker::message::global_message_id;
 use pg_outbox_bgworker::sink::BatchError;
-use pg_outbox_bgworker::{plan_batch, BatchOutcome, KafkaSink, OutboundMessage, SinkConfig};
+use pg_outbox_bgworker::{plan_batch, BatchOutcome, KafkaSink, OutboundMessage, SinkConfig, TopicCounters};
 
 use crate::guc;
 use crate::shmem::{self, BrokerState, WorkerState};
@@ -17,6 +17,8 @@ use crate::store::{self, Destination, Settlement, Work};
 
 /// How often storage rotation is looked at.
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
+/// How often per-topic counters are written to outbox.topics (see TopicCounters).
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wake {
@@ -56,6 +58,7 @@ struct Worker {
     unavailable_since: Option<Instant>,
     reconnect_failures: u32,
     last_rotation_check: Option<Instant>,
+    counters: TopicCounters,
 }
 
 /// What the loop does after one cycle.
@@ -232,12 +235,13 @@ impl Worker {
         settlement.last_fresh_id = fresh_ids.last().copied();
 
         if plan.send.is_empty() && plan.hold.is_empty() {
-            if settlement.window_changed {
+            settlement.topic_counts = self.counters.take_due(Instant::now());
+            if settlement.window_changed || !settlement.topic_counts.is_empty() {
                 store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
             }
             self.maybe_rotate();
             self.set_state(WorkerState::Idle);
-            let wait = until_due(next_due_in);
+            let wait = self.idle_wait(next_due_in);
             shmem::update(self.slot, |s| s.wakeups_empty += 1);
             return Next::Sleep(wait);
         }
@@ -277,7 +281,8 @@ impl Worker {
             return Next::Sleep(self.reconnect_delay());
         }
         self.broker_connected();
-        settle(&mut settlement, &plan.send, &plan.hold, &outcome);
+        settle(&mut settlement, &mut self.counters, &plan.send, &plan.hold, &outcome);
+        settlement.topic_counts = self.counters.take_due(Instant::now());
         store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
         shmem::announce_deliveries();
         let delivered = outcome.delivered.len() as i64;
@@ -297,15 +302,36 @@ impl Worker {
             return Next::Continue;
         }
         self.set_state(WorkerState::Idle);
-        Next::Sleep(until_due(next_due_in))
+        Next::Sleep(self.idle_wait(next_due_in))
+    }
+
+    /// How long to sleep: until the next held message falls due or counts are to be written.
+    fn idle_wait(&self, next_due_in: Option<f64>) -> Duration {
+        let wait = until_due(next_due_in);
+        self.counters.due_in(Instant::now()).map_or(wait, |due| wait.min(due))
+    }
+
+    /// Writes the counts not written yet (the worker is stopping).
+    fn write_counters(&mut self) {
+        let settlement = Settlement { topic_counts: self.counters.take_all(Instant::now()), ..Settlement::default() };
+        if !settlement.topic_counts.is_empty() {
+            store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
+        }
     }
 }
 
 /// Turns delivery reports into what the record transaction writes.
-fn settle(s: &mut Settlement, sent: &[OutboundMessage], held_back: &[OutboundMessage], outcome: &BatchOutcome) {
+fn settle(
+    s: &mut Settlement,
+    counters: &mut TopicCounters,
+    sent: &[OutboundMessage],
+    held_back: &[OutboundMessage],
+    outcome: &BatchOutcome,
+) {
+    s.delivered = outcome.delivered.len() as i64;
     for &i in &outcome.delivered {
         let m = &sent[i];
-        s.delivered_topics.push(m.topic.clone());
+        counters.count(&m.topic, 1, 0);
         if m.held {
             s.delivered_held.push(m.id);
         }
@@ -313,7 +339,7 @@ fn settle(s: &mut Settlement, sent: &[OutboundMessage], held_back: &[OutboundMes
     let mut hold: Vec<(i64, i32, Option<String>)> = held_back.iter().map(|m| (m.id, 0, None)).collect();
     for (i, error) in &outcome.refused {
         let m = &sent[*i];
-        s.refused_topics.push(m.topic.clone());
+        counters.count(&m.topic, 0, 1);
         if m.held {
             s.refused_held.push((m.id, error.clone()));
         } else {
@@ -411,10 +437,12 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         unavailable_since: None,
         reconnect_failures: 0,
         last_rotation_check: None,
+        counters: TopicCounters::new(COUNTERS_INTERVAL),
     };
     log!("pg_outbox: worker started for database \"{database}\"");
     loop {
         if stop_requested() {
+            worker.write_counters();
             break;
         }
         if BackgroundWorker::sighup_received() {

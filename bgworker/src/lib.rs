@@ -4,11 +4,13 @@
 //! ([`plan`]), sends to Kafka ([`sink`]), and turns delivery reports into an [`policy::BatchOutcome`]
 //! that the worker records in another short transaction.
 
+pub mod counters;
 pub mod message;
 pub mod plan;
 pub mod policy;
 pub mod sink;
 
+pub use counters::{TopicCount, TopicCounters};
 pub use message::{parse_headers, OutboundMessage};
 pub use plan::{plan_batch, Plan};
 pub use policy::{Backoff, BatchOutcome, SendFailure};

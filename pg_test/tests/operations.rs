@@ -216,15 +216,20 @@ fn monitoring_views_count_deliveries_and_wakeups() {
     }
     assert_eq!(read_topic(&bootstrap, &topic, 10, WAIT).len(), 10);
     assert!(c.wait_until_drained(WAIT));
-    std::thread::sleep(Duration::from_millis(300));
-    let t = db
-        .query_one(
-            "SELECT pending, delivered_total, recent_rate_per_s > 0, last_delivered_at IS NOT NULL
-             FROM outbox.topic_stats WHERE topic = $1",
-            &[&topic],
-        )
-        .unwrap();
-    assert_eq!((t.get::<_, i64>(0), t.get::<_, i64>(1), t.get::<_, bool>(2), t.get::<_, bool>(3)), (0, 10, true, true));
+    // Per-topic counters are written at most once a second.
+    let counted = || {
+        let t = c
+            .client()
+            .query_one(
+                "SELECT pending, delivered_total, recent_rate_per_s > 0, last_delivered_at IS NOT NULL
+                 FROM outbox.topic_stats WHERE topic = $1",
+                &[&topic],
+            )
+            .unwrap();
+        (t.get::<_, i64>(0), t.get::<_, i64>(1), t.get::<_, bool>(2), t.get::<_, bool>(3))
+    };
+    wait_for("the topic's counters", Duration::from_secs(3), || counted().1 == 10);
+    assert_eq!(counted(), (0, 10, true, true));
     let w = db
         .query_one(
             "SELECT state, broker_state, backlog, messages_delivered, batches > 0, wakeups_by_commit > 0, uptime > '0'

@@ -39,10 +39,18 @@ fn with_create_topics_off_a_missing_topic_ends_in_dead_letters() {
     assert_eq!(row.get::<_, i32>(0), 2);
     let error: String = row.get(1);
     assert!(error.to_lowercase().contains("unknown topic"), "{error}");
-    let stats = db
-        .query_one("SELECT dead_letters, failed_attempts, pending FROM outbox.topic_stats WHERE topic = $1", &[&topic])
-        .unwrap();
-    assert_eq!((stats.get::<_, i64>(0), stats.get::<_, i64>(1), stats.get::<_, i64>(2)), (1, 2, 0));
+    let mut stats = || {
+        let row = db
+            .query_one(
+                "SELECT dead_letters, failed_attempts, pending FROM outbox.topic_stats WHERE topic = $1",
+                &[&topic],
+            )
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2))
+    };
+    // Per-topic counters are written at most once a second.
+    wait_for("the failed attempts to be counted", Duration::from_secs(3), || stats().1 == 2);
+    assert_eq!(stats(), (1, 2, 0));
 }
 
 #[test]

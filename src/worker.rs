@@ -13,7 +13,7 @@ use pg_outbox_bgworker::{plan_batch, BatchOutcome, KafkaSink, OutboundMessage, S
 
 use crate::guc;
 use crate::shmem::{self, BrokerState, WorkerState};
-use crate::store::{self, Destination, Settlement, Work};
+use crate::store::{self, Batch, Destination, Settlement, WindowPosition, Work};
 
 /// How often storage rotation is looked at.
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
@@ -59,6 +59,9 @@ struct Worker {
     reconnect_failures: u32,
     last_rotation_check: Option<Instant>,
     counters: TopicCounters,
+    /// The next batch of a backlog, read while the acknowledgements of the one before it were
+    /// outstanding; taken by the next cycle if that batch came back clean.
+    read_ahead: Option<Batch>,
 }
 
 /// What the loop does after one cycle.
@@ -110,16 +113,19 @@ impl Worker {
 
     /// Produces `messages` through the sink of each one's destination and returns one report per
     /// message, in order. Producers whose settings changed (SIGHUP) are replaced.
+    /// With no routes, `meanwhile` runs while the acknowledgements are outstanding (with routes,
+    /// not at all).
     fn send(
         &mut self,
         messages: &[OutboundMessage],
         destinations: &HashMap<String, Destination>,
+        meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
         let default_config = guc::sink_config().map_err(BatchError::Unavailable)?;
         if destinations.is_empty() {
             // Everything goes to the default cluster under its own topic name: no copies.
             self.sinks.retain(|config, _| *config == default_config);
-            return self.send_group(default_config, messages);
+            return self.send_group(default_config, messages, meanwhile);
         }
         // Group by cluster, keeping each group in delivery order.
         let mut groups: Vec<(SinkConfig, Vec<usize>, Vec<OutboundMessage>)> = Vec::new();
@@ -147,7 +153,7 @@ impl Worker {
         self.sinks.retain(|config, _| groups.iter().any(|g| &g.0 == config) || *config == default_config);
         let mut reports: Vec<Option<Result<(), pg_outbox_bgworker::SendFailure>>> = vec![None; messages.len()];
         for (config, indexes, routed) in groups {
-            let group_reports = self.send_group(config, &routed)?;
+            let group_reports = self.send_group(config, &routed, &mut || ())?;
             for (i, report) in indexes.into_iter().zip(group_reports) {
                 reports[i] = Some(report);
             }
@@ -158,11 +164,13 @@ impl Worker {
             .collect())
     }
 
-    /// Produces `messages` through the producer of one cluster (created on first use).
+    /// Produces `messages` through the producer of one cluster (created on first use), runs
+    /// `meanwhile`, then waits for the acknowledgements.
     fn send_group(
         &mut self,
         config: SinkConfig,
         messages: &[OutboundMessage],
+        meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
         let (sysid, dboid) = (self.system_identifier, self.database_oid);
         let message_id = move |id: i64| global_message_id(sysid, dboid, id);
@@ -174,7 +182,9 @@ impl Worker {
         if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
             sink.inject_fatal_error();
         }
-        sink.send_batch(messages, &message_id, &stop_requested)
+        let in_flight = sink.produce_batch(messages, &message_id, &stop_requested)?;
+        meanwhile();
+        sink.wait_batch(in_flight, &stop_requested)
     }
 
     fn maybe_rotate(&mut self) {
@@ -195,7 +205,13 @@ impl Worker {
             return Next::Sleep(poll_interval());
         }
         let batch_size = i64::from(guc::BATCH_SIZE.get());
-        let batch = match store::read_batch(batch_size) {
+        let prefetched = self.read_ahead.take();
+        let was_read_ahead = prefetched.is_some();
+        let read = match prefetched {
+            Some(batch) => Work::Batch(batch),
+            None => store::read_batch(batch_size, None),
+        };
+        let batch = match read {
             Work::NoExtension => {
                 self.set_state(WorkerState::WaitingForExtension);
                 return Next::Sleep(poll_interval());
@@ -216,7 +232,10 @@ impl Worker {
             }
             Work::Batch(batch) => batch,
         };
-        shmem::update(self.slot, |s| s.current_slot = batch.current_slot);
+        // (A batch read ahead may predate the last rotation.)
+        if !was_read_ahead {
+            shmem::update(self.slot, |s| s.current_slot = batch.current_slot);
+        }
         let retry_count = batch.retries.len();
         let next_due_in = batch.next_due_in;
         let plan = plan_batch(batch.retries, batch.fresh, &batch.blocked_keys, &batch.paused_topics);
@@ -246,13 +265,34 @@ impl Worker {
             return Next::Sleep(wait);
         }
 
+        let mut read_ahead = None;
         let reports = if plan.send.is_empty() {
             Vec::new()
         } else {
             self.set_state(WorkerState::Forwarding);
             store::flush_recorded();
             shmem::update(self.slot, |s| s.in_flight = plan.send.len() as i32);
-            let sent = self.send(&plan.send, &batch.destinations);
+            // A backlog of plain fresh messages: read the next batch while the broker acknowledges
+            // this one, so the database and the broker work at the same time. Only such a batch
+            // can be followed at once by the next: with nothing held, paused or routed, the next
+            // batch's plan does not depend on how this one ends. It is used only if this one
+            // comes back clean (see below).
+            let position = match settlement.last_fresh_id {
+                Some(last_id)
+                    if settlement.window_continues
+                        && retry_count == 0
+                        && plan.hold.is_empty()
+                        && batch.destinations.is_empty() =>
+                {
+                    Some(WindowPosition { window: settlement.window.clone(), last_id })
+                }
+                _ => None,
+            };
+            let sent = self.send(&plan.send, &batch.destinations, &mut || {
+                if let Some(position) = &position {
+                    read_ahead = Some(store::read_batch(batch_size, Some(position)));
+                }
+            });
             shmem::update(self.slot, |s| s.in_flight = 0);
             match sent {
                 Ok(reports) => reports,
@@ -281,6 +321,12 @@ impl Worker {
             return Next::Sleep(self.reconnect_delay());
         }
         self.broker_connected();
+        if outcome.refused.is_empty() {
+            self.read_ahead = match read_ahead {
+                Some(Work::Batch(next)) => Some(next),
+                _ => None,
+            };
+        }
         settle(&mut settlement, &mut self.counters, &plan.send, &plan.hold, &outcome);
         settlement.topic_counts = self.counters.take_due(Instant::now());
         store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
@@ -438,6 +484,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         reconnect_failures: 0,
         last_rotation_check: None,
         counters: TopicCounters::new(COUNTERS_INTERVAL),
+        read_ahead: None,
     };
     log!("pg_outbox: worker started for database \"{database}\"");
     loop {

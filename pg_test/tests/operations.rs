@@ -176,6 +176,37 @@ fn each_database_has_its_own_worker_and_row_in_worker_status() {
 }
 
 #[test]
+fn json_payloads_arrive_as_utf8_text_whatever_the_database_encoding() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    // "latin" is created below, with its own encoding; the launcher starts its worker then.
+    let c = Cluster::start(&bootstrap, "pg_outbox.database = 'shop,latin'");
+    c.client()
+        .batch_execute("CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+        .unwrap();
+    let topic = unique("encodings");
+    for db in ["shop", "latin"] {
+        let mut client = c.client_for(db);
+        client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_outbox").unwrap();
+        // A non-ASCII character and a backslash: neither may be re-encoded or unescaped.
+        client
+            .execute(
+                r#"SELECT outbox.enqueue_message($1, '{"db": "x", "name": "café", "path": "C:\\dir"}'::jsonb || jsonb_build_object('db', $2::text), key => $2)"#,
+                &[&topic, &db],
+            )
+            .unwrap();
+    }
+    let mut got = payloads(&read_topic(&bootstrap, &topic, 2, WAIT));
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            r#"{"db": "latin", "name": "café", "path": "C:\\dir"}"#,
+            r#"{"db": "shop", "name": "café", "path": "C:\\dir"}"#,
+        ]
+    );
+}
+
+#[test]
 fn settings_are_visible_and_changed_without_restarting_the_worker() {
     let (c, bootstrap) = kafka_cluster("");
     let pid = c.worker_pid(WAIT).unwrap();

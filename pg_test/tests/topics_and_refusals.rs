@@ -100,3 +100,35 @@ fn a_message_the_broker_refuses_is_retried_then_dead_lettered_while_others_flow(
     assert_eq!(payloads(&all).iter().filter(|p| *p == "\"p2\"").count(), 1);
     assert!(c.wait_until_drained(WAIT));
 }
+
+#[test]
+fn a_refusal_in_a_backlog_holds_back_its_key_in_the_batches_read_after_it() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    // The worker reads the next batch of a backlog while the broker acknowledges the current
+    // one; that batch must not go out as read when the current one had a refusal.
+    let c = Cluster::start(
+        &bootstrap,
+        "pg_outbox.batch_size = 5
+         pg_outbox.max_attempts = 3
+         pg_outbox.retry_backoff = '2s'",
+    );
+    let topic = unique("backlog-refusal");
+    let mut db = c.client();
+    let mut tx = db.transaction().unwrap();
+    // One window: [poison, q1..q4] [p1, q5, p2, q6, p3] [q7, p4, q8, p5, q9]
+    tx.execute("SELECT outbox.enqueue_message($1, convert_to(repeat('x', 1000500), 'UTF8'), key => 'p')", &[&topic])
+        .unwrap();
+    let later = ["q1", "q2", "q3", "q4", "p1", "q5", "p2", "q6", "p3", "q7", "p4", "q8", "p5", "q9"];
+    for m in later {
+        tx.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::text), key => left($2, 1))", &[&topic, &m]).unwrap();
+    }
+    tx.commit().unwrap();
+    let first = payloads(&read_topic(&bootstrap, &topic, 9, WAIT));
+    let q: Vec<String> = (1..=9).map(|i| format!("\"q{i}\"")).collect();
+    assert_eq!(first, q, "key q flows in order; key p waits behind its refused head");
+    let all = payloads(&read_topic(&bootstrap, &topic, 14, WAIT));
+    let p: Vec<&String> = all.iter().filter(|m| m.starts_with("\"p")).collect();
+    assert_eq!(p, ["\"p1\"", "\"p2\"", "\"p3\"", "\"p4\"", "\"p5\""], "after the dead letter, in order");
+    let dead: i64 = db.query_one("SELECT count(*) FROM outbox.dead_letters", &[]).unwrap().get(0);
+    assert_eq!(dead, 1);
+}

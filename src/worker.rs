@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 
 use pg_outbox_bgworker::message::global_message_id;
 use pg_outbox_bgworker::sink::BatchError;
-use pg_outbox_bgworker::{plan_batch, BatchOutcome, KafkaSink, OutboundMessage, SinkConfig, TopicCounters};
+use pg_outbox_bgworker::{plan_batch, BatchOutcome, Coalescing, KafkaSink, OutboundMessage, SinkConfig, TopicCounters};
 
 use crate::guc;
 use crate::shmem::{self, BrokerState, WorkerState};
@@ -62,6 +62,7 @@ struct Worker {
     /// The next batch of a backlog, read while the acknowledgements of the one before it were
     /// outstanding; taken by the next cycle if that batch came back clean.
     read_ahead: Option<Batch>,
+    coalescing: Coalescing,
 }
 
 /// What the loop does after one cycle.
@@ -261,6 +262,7 @@ impl Worker {
             self.maybe_rotate();
             self.set_state(WorkerState::Idle);
             let wait = self.idle_wait(next_due_in);
+            self.coalescing.observe(0);
             shmem::update(self.slot, |s| s.wakeups_empty += 1);
             return Next::Sleep(wait);
         }
@@ -335,6 +337,7 @@ impl Worker {
         if let Some((_, error)) = outcome.refused.first() {
             shmem::update(self.slot, |s| s.set_last_error(error));
         }
+        self.coalescing.observe(plan.send.len());
         shmem::update(self.slot, |s| {
             s.batches += 1;
             s.delivered += delivered;
@@ -485,6 +488,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         last_rotation_check: None,
         counters: TopicCounters::new(COUNTERS_INTERVAL),
         read_ahead: None,
+        coalescing: Coalescing::new(),
     };
     log!("pg_outbox: worker started for database \"{database}\"");
     loop {
@@ -508,6 +512,9 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
                     Wake::Latch => s.wakeups_commit += 1,
                     Wake::Timeout => s.wakeups_poll += 1,
                 });
+                if let (Wake::Latch, Some(linger)) = (woke, worker.coalescing.linger()) {
+                    unsafe { pg_sys::pg_usleep(linger.as_micros() as std::ffi::c_long) };
+                }
             }
         }
     }

@@ -109,6 +109,48 @@ impl Backoff {
     }
 }
 
+/// Fewer, larger batches when commits come faster than the worker cycles.
+///
+/// Each cycle has a fixed cost (two short transactions, a produce request, a broker round trip).
+/// At a few thousand commits a second every commit wakes the worker and each cycle carries a
+/// handful of messages, so that fixed cost is paid hundreds of times a second on the cores the
+/// writers need. Once the batches have been that size for a while, the worker lets commits gather
+/// for a moment after it is woken, as librdkafka's `linger.ms` does for a producer. A single
+/// large batch (a catch-up after a stall) does not count: only a sustained rate does, so a steady
+/// low rate keeps its millisecond latency.
+#[derive(Debug, Clone)]
+pub struct Coalescing {
+    /// Messages per batch, averaged over about the last 20 batches.
+    average: f64,
+}
+
+impl Coalescing {
+    /// Batches this large, on average, mean the commits outpace the worker.
+    const BUSY_AVERAGE: f64 = 6.0;
+    /// How long commits may gather: about what one cycle takes.
+    pub const LINGER: Duration = Duration::from_millis(1);
+
+    pub fn new() -> Self {
+        Coalescing { average: 0.0 }
+    }
+
+    /// Records the size of a batch (0 for a wakeup that found nothing).
+    pub fn observe(&mut self, messages: usize) {
+        self.average += (messages as f64 - self.average) / 20.0;
+    }
+
+    /// How long to let commits gather after a wakeup, if at all.
+    pub fn linger(&self) -> Option<Duration> {
+        (self.average >= Self::BUSY_AVERAGE).then_some(Self::LINGER)
+    }
+}
+
+impl Default for Coalescing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +209,24 @@ mod tests {
         assert_eq!(b.after_failures(4), Duration::from_secs(8));
         assert_eq!(b.after_failures(5), Duration::from_secs(10));
         assert_eq!(b.after_failures(60), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_sustained_rate_lingers_a_steady_trickle_or_one_catch_up_does_not() {
+        let mut c = Coalescing::new();
+        for _ in 0..100 {
+            c.observe(1);
+        }
+        assert_eq!(c.linger(), None, "one message per cycle");
+        c.observe(60);
+        assert_eq!(c.linger(), None, "a single catch-up batch after a stall");
+        for _ in 0..40 {
+            c.observe(10);
+        }
+        assert_eq!(c.linger(), Some(Coalescing::LINGER), "commits outpace the cycles");
+        for _ in 0..40 {
+            c.observe(0);
+        }
+        assert_eq!(c.linger(), None, "the rate fell");
     }
 }

@@ -318,14 +318,13 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                 }
                 Ok(())
             };
-            if new_window {
+            let (name, sql) = if new_window {
                 // Every idle cycle runs this one: planned once (a generic plan; see the worker's
                 // planner settings), it costs microseconds instead of a planning of four
                 // partitions per commit.
-                prepare_once(
-                    client,
+                (
                     "read_new_window",
-                    &format!(
+                    format!(
                         "WITH unsettled AS MATERIALIZED (
                              SELECT id, txid FROM outbox.messages
                              WHERE txid >= $2::xid8 OR txid = ANY ($3::xid8[])
@@ -337,38 +336,34 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                          SELECT {columns} FROM outbox.messages WHERE id = ANY (ARRAY(SELECT id FROM batch))
                          ORDER BY id"
                     ),
-                    &[
-                        oid(PgBuiltInOids::INT8OID),
-                        oid(PgBuiltInOids::TEXTOID),
-                        oid(PgBuiltInOids::TEXTARRAYOID),
-                        oid(PgBuiltInOids::TEXTOID),
-                        oid(PgBuiltInOids::INT8OID),
-                    ],
-                )?;
-                run_plan("read_new_window", |plan| push(client.select(plan, None, &args)?))?;
+                )
             } else {
                 // A backlog, in batches: walks the id index from where the last batch ended. The
                 // text parameters are cast once (initplans), not once per row.
-                prepare_once(
-                    client,
+                (
                     "read_window_continued",
-                    &format!(
+                    format!(
                         "SELECT {columns} FROM outbox.messages
                          WHERE id > $1
                            AND (txid >= (SELECT $2::xid8) OR txid = ANY ((SELECT $3::xid8[])::xid8[]))
                            AND pg_visible_in_snapshot(txid, (SELECT $4::pg_snapshot))
                          ORDER BY id LIMIT $5"
                     ),
-                    &[
-                        oid(PgBuiltInOids::INT8OID),
-                        oid(PgBuiltInOids::TEXTOID),
-                        oid(PgBuiltInOids::TEXTARRAYOID),
-                        oid(PgBuiltInOids::TEXTOID),
-                        oid(PgBuiltInOids::INT8OID),
-                    ],
-                )?;
-                run_plan("read_window_continued", |plan| push(client.select(plan, None, &args)?))?;
-            }
+                )
+            };
+            prepare_once(
+                client,
+                name,
+                &sql,
+                &[
+                    oid(PgBuiltInOids::INT8OID),
+                    oid(PgBuiltInOids::TEXTOID),
+                    oid(PgBuiltInOids::TEXTARRAYOID),
+                    oid(PgBuiltInOids::TEXTOID),
+                    oid(PgBuiltInOids::INT8OID),
+                ],
+            )?;
+            run_plan(name, |plan| push(client.select(plan, None, &args)?))?;
             batch.window_continues = batch.fresh.len() as i64 >= batch_size;
             // A continued window that turns out empty (its row count was a multiple of the batch
             // size) must still be closed, or the watermark never moves past it.

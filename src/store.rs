@@ -9,7 +9,7 @@ use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
 
-use pg_outbox_bgworker::{parse_headers, OutboundMessage, TopicCount};
+use pg_outbox_bgworker::{flush_before_sending, parse_headers, OutboundMessage, TopicCount};
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
@@ -465,25 +465,37 @@ pub struct Settlement {
 }
 
 thread_local! {
-    /// The end of the last record transaction's commit in the WAL, until it is known flushed.
-    static UNFLUSHED_RECORD: std::cell::Cell<pg_sys::XLogRecPtr> = const { std::cell::Cell::new(0) };
+    /// The records not known to be flushed: the end of the last one's commit in the WAL, and how
+    /// many deliveries they recorded (all of them would be sent again after a crash).
+    static UNFLUSHED_RECORDS: std::cell::Cell<(pg_sys::XLogRecPtr, i64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
-/// Makes the last recorded batch durable. The worker commits asynchronously (it does not wait
-/// for the flush at commit) and calls this before it sends the next batch: the flush overlaps the
-/// next read, and a crash still loses at most the one batch in flight, as with synchronous
-/// commits.
-pub fn flush_recorded() {
-    let lsn = UNFLUSHED_RECORD.with(|u| u.replace(0));
-    if lsn != 0 {
+/// Called before `sending` messages are sent: keeps what a crash can make the worker send again
+/// within `batch_size` messages. The worker commits its records asynchronously; they reach disk
+/// with the next commit of any session or with the WAL writer. Only when the deliveries recorded
+/// since then, plus this batch, could exceed the bound is the last record flushed here first. So a
+/// backlog (full batches) flushes before every batch, as a synchronous commit would, and a low
+/// or moderate rate (small batches) keeps the flush off its commit-to-broker path.
+pub fn flush_recorded(sending: i64, batch_size: i64) {
+    let (lsn, unflushed) = UNFLUSHED_RECORDS.with(|u| u.get());
+    if lsn == 0 {
+        return;
+    }
+    if lsn <= unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) } {
+        UNFLUSHED_RECORDS.with(|u| u.set((0, 0)));
+        return;
+    }
+    if flush_before_sending(unflushed, sending, batch_size) {
         unsafe { pg_sys::XLogFlush(lsn) };
+        UNFLUSHED_RECORDS.with(|u| u.set((0, 0)));
     }
 }
 
 /// Records a settled batch: advances the watermark, moves what must wait, counts deliveries.
 pub fn record(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
     record_batch(s, max_attempts, backoff_secs);
-    UNFLUSHED_RECORD.with(|u| u.set(unsafe { pg_sys::XactLastCommitEnd }));
+    let end = unsafe { pg_sys::XactLastCommitEnd };
+    UNFLUSHED_RECORDS.with(|u| u.set((end, u.get().1 + s.delivered)));
 }
 
 fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {

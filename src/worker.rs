@@ -272,7 +272,7 @@ impl Worker {
             Vec::new()
         } else {
             self.set_state(WorkerState::Forwarding);
-            store::flush_recorded();
+            store::flush_recorded(plan.send.len() as i64, batch_size);
             shmem::update(self.slot, |s| s.in_flight = plan.send.len() as i32);
             // A backlog of plain fresh messages: read the next batch while the broker acknowledges
             // this one, so the database and the broker work at the same time. Only such a batch
@@ -445,9 +445,9 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // The worker's own commits (the watermark, held and dead messages, rotation) do not wait for
-    // their WAL flush; store::flush_recorded() makes a record durable before the next batch is
-    // sent, so the flush overlaps the next read. WAL is flushed in order: no later state survives
-    // an earlier lost one.
+    // their WAL flush; store::flush_recorded() flushes before a send only when a crash could
+    // otherwise resend more than pg_outbox.batch_size messages. WAL is flushed in order: no later
+    // state survives an earlier lost one.
     worker_setting(c"synchronous_commit", c"off");
     // Every statement of the worker is built to walk an index, and the statistics of the slot
     // partitions are always stale (insert-only, TRUNCATEd every few seconds), so the planner

@@ -109,6 +109,14 @@ impl Backoff {
     }
 }
 
+/// Whether the worker's last record must reach disk before `sending` more messages go out: a
+/// crash loses the records not yet flushed, and every delivery they recorded is sent again, with
+/// the batch in flight. Keeping both within `batch_size` keeps the documented bound (at most
+/// `pg_outbox.batch_size` messages resent) without a WAL flush per small batch.
+pub fn flush_before_sending(unflushed_deliveries: i64, sending: i64, batch_size: i64) -> bool {
+    unflushed_deliveries > 0 && unflushed_deliveries + sending > batch_size
+}
+
 /// Fewer, larger batches when commits come faster than the worker cycles.
 ///
 /// Each cycle has a fixed cost (two short transactions, a produce request, a broker round trip).
@@ -228,5 +236,14 @@ mod tests {
             c.observe(0);
         }
         assert_eq!(c.linger(), None, "the rate fell");
+    }
+
+    #[test]
+    fn a_record_is_flushed_first_only_when_a_crash_could_resend_more_than_a_batch() {
+        assert!(!flush_before_sending(0, 1000, 1000), "nothing recorded since the last flush");
+        assert!(!flush_before_sending(3, 2, 1000), "small batches at a moderate rate");
+        assert!(!flush_before_sending(998, 2, 1000));
+        assert!(flush_before_sending(999, 2, 1000));
+        assert!(flush_before_sending(1000, 1000, 1000), "a backlog: full batches");
     }
 }

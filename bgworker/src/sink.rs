@@ -194,20 +194,10 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// Produces every message, in order, and waits for all delivery reports. Returns one report
-    /// per message. `should_stop` is polled while waiting so that SIGTERM is honoured promptly.
-    pub fn send_batch(
-        &mut self,
-        messages: &[OutboundMessage],
-        message_id: &dyn Fn(i64) -> String,
-        should_stop: &dyn Fn() -> bool,
-    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
-        let in_flight = self.produce_batch(messages, message_id, should_stop)?;
-        self.wait_batch(in_flight, should_stop)
-    }
-
     /// Hands every message to librdkafka, in order, without waiting for the broker: its threads
     /// send them while the caller does something else, then collects the reports (`wait_batch`).
+    /// `should_stop` is polled while librdkafka's queue is full and while waiting, so that SIGTERM
+    /// is honoured promptly.
     pub fn produce_batch(
         &mut self,
         messages: &[OutboundMessage],

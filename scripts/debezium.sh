@@ -129,9 +129,12 @@ logger.reflections.level=ERROR
 logger.measurement.name=io.debezium.metrics.stats.MeasurementCollector
 logger.measurement.level=ERROR
 CONF
-  # Heap like the broker's in scripts/kafka.sh: Debezium's queue is bounded (max.queue.size
-  # 8192 records), so a large transaction streams through rather than piling up.
-  java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
+  # The JVM options of Kafka's own connect-standalone.sh and kafka-run-class.sh (its heap, G1
+  # with a 20 ms pause goal), as scripts/kafka.sh gives the broker: the peer runs as its users
+  # run it. Debezium's queue is bounded (max.queue.size 8192 records), so a large transaction
+  # streams through rather than piling up.
+  java_opts=(-Xms256m -Xmx2G -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35
+    -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 -Djava.awt.headless=true
     -Dlog4j2.configurationFile="$dir/log4j2.properties")
   # The worker's cwd is DIR, so nothing it writes lands in the caller's directory. The cd is a
   # statement of its own: "cd && java &" would background a subshell, and $! be its pid, not java's.

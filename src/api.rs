@@ -18,10 +18,8 @@ static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if ENQUEUED_IN_XACT.swap(false, Ordering::Relaxed) {
-                shmem::wake_worker(unsafe { pg_sys::MyDatabaseId }.to_u32());
-            }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if ENQUEUED_IN_XACT.swap(false, Ordering::Relaxed) => {
+            shmem::wake_worker(unsafe { pg_sys::MyDatabaseId }.to_u32());
         }
         // A prepared transaction is committed later, maybe by another backend: the worker's
         // fallback poll picks it up.

@@ -5,6 +5,7 @@
 //! with its schema and take typed parameters, so the caller's search_path cannot redirect them
 //! (the function is SECURITY DEFINER).
 use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::CStr;
 
@@ -144,15 +145,17 @@ fn insert(slot: i16, args: &[DatumWithOid]) -> Result<i64, pgrx::spi::Error> {
     Spi::connect_mut(|client| {
         INSERTS.with(|plans| {
             let mut plans = plans.borrow_mut();
-            if !plans.contains_key(&slot) {
-                let sql = format!(
-                    "INSERT INTO outbox.messages_{slot} (slot, topic, key, payload, json_payload, headers)
-                     VALUES ('{slot}', $1, $2, $3, $4, $5) RETURNING id"
-                );
-                plans.insert(slot, client.prepare_mut(&sql, &types(&[]))?.keep());
-            }
-            let plan = plans.get(&slot).ok_or(pgrx::spi::Error::NoTupleTable)?;
-            client.update(plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)
+            let plan = match plans.entry(slot) {
+                Entry::Occupied(kept) => kept.into_mut(),
+                Entry::Vacant(new) => {
+                    let sql = format!(
+                        "INSERT INTO outbox.messages_{slot} (slot, topic, key, payload, json_payload, headers)
+                         VALUES ('{slot}', $1, $2, $3, $4, $5) RETURNING id"
+                    );
+                    new.insert(client.prepare_mut(&sql, &types(&[]))?.keep())
+                }
+            };
+            client.update(&*plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)
         })
     })
 }

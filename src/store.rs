@@ -154,7 +154,7 @@ fn extension_version(client: &SpiClient) -> SpiResult<String> {
 /// leave now, or DROP DATABASE fails with "being accessed by other users".
 fn database_drop_pending() -> bool {
     unsafe {
-        let mut tag = pg_sys::LOCKTAG {
+        let tag = pg_sys::LOCKTAG {
             locktag_field1: 0,
             locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
             locktag_field3: pg_sys::MyDatabaseId.to_u32(),
@@ -163,16 +163,18 @@ fn database_drop_pending() -> bool {
             locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
         };
         let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        let got = pg_sys::LockAcquire(&mut tag, mode, false, true);
+        let got = pg_sys::LockAcquire(&tag, mode, false, true);
         if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
             return true;
         }
-        pg_sys::LockRelease(&mut tag, mode, false);
+        pg_sys::LockRelease(&tag, mode, false);
         false
     }
 }
 
 /// What one read transaction found.
+// One per cycle, moved once: boxing the batch would save nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Work {
     NoExtension,
     /// The SQL objects are older than this library: ALTER EXTENSION pg_outbox UPDATE is needed.
@@ -719,7 +721,7 @@ fn try_lock_exclusive(table: &str) -> bool {
         let relid = pg_sys::RangeVarGetRelidExtended(
             rv,
             pg_sys::NoLock as pg_sys::LOCKMODE,
-            pg_sys::RVROption::RVR_MISSING_OK as u32,
+            pg_sys::RVROption::RVR_MISSING_OK,
             None,
             std::ptr::null_mut(),
         );

@@ -1,13 +1,13 @@
 use std::collections::HashSet;
-use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use crate::message::MESSAGE_ID_HEADER;
 use crate::{OutboundMessage, SendFailure};
@@ -81,27 +81,71 @@ fn without_values(err: &KafkaError) -> String {
     }
 }
 
-/// A Kafka producer plus what it takes to drive it from the worker's single thread: a
-/// current-thread tokio runtime that awaits delivery reports (librdkafka's own threads complete
-/// them; they never touch Postgres), and the admin client that creates missing topics.
+/// A Kafka producer plus what it takes to drive it from the worker's single thread: the
+/// delivery reports of the batch in flight (librdkafka's polling thread files them; it never
+/// touches Postgres), and the admin client, with a current-thread tokio runtime to await it, that
+/// creates missing topics.
 pub struct KafkaSink {
     config: SinkConfig,
-    producer: FutureProducer,
+    producer: ThreadedProducer<Reports>,
     admin: AdminClient<DefaultClientContext>,
     runtime: tokio::runtime::Runtime,
     known_topics: HashSet<String>,
 }
 
-fn delivery_report(delivery: <DeliveryFuture as Future>::Output) -> Result<(), SendFailure> {
-    match delivery {
-        Ok(Ok(_delivered)) => Ok(()),
-        Ok(Err((err, _message))) => Err(SendFailure::from_kafka(&err)),
-        Err(_canceled) => Err(SendFailure::Unavailable("the producer dropped the message".into())),
+/// The reports of the batch in flight, filed by position. A message carries its position and
+/// its batch's number as the delivery opaque (a plain integer: no allocation per message, as a
+/// future per message would take); a late report of an earlier batch (one given up on when the
+/// worker was asked to stop) has another number and is dropped.
+#[derive(Default)]
+pub struct Reports(Mutex<Filed>);
+
+#[derive(Default)]
+struct Filed {
+    batch: u32,
+    reports: Vec<Option<Result<(), SendFailure>>>,
+}
+
+const POSITION_BITS: u32 = 32;
+// The opaque packs the batch number above the position: it needs a 64-bit usize.
+const _: () = assert!(usize::BITS >= 64);
+
+fn opaque(batch: u32, position: usize) -> usize {
+    ((batch as usize) << POSITION_BITS) | position
+}
+
+impl Reports {
+    fn filed(&self) -> MutexGuard<'_, Filed> {
+        // A panic while holding the lock leaves plain data behind; the worker goes on with it.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn file(&self, opaque: usize, report: Result<(), SendFailure>) {
+        let mut filed = self.filed();
+        let (batch, position) = ((opaque >> POSITION_BITS) as u32, opaque & ((1 << POSITION_BITS) - 1));
+        if batch == filed.batch {
+            if let Some(slot) = filed.reports.get_mut(position) {
+                *slot = Some(report);
+            }
+        }
     }
 }
 
-/// A produced batch whose delivery reports are still to come, one per message, in order.
-pub struct InFlight(Vec<Result<DeliveryFuture, SendFailure>>);
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        self.file(opaque, result.as_ref().map(|_| ()).map_err(|(err, _message)| SendFailure::from_kafka(err)));
+    }
+}
+
+/// A produced batch whose delivery reports are still to come: its number and size.
+pub struct InFlight {
+    batch: u32,
+    messages: usize,
+}
 
 /// Why a batch was not sent at all.
 #[derive(Debug, PartialEq, Eq)]
@@ -115,8 +159,9 @@ pub enum BatchError {
 impl KafkaSink {
     pub fn new(config: SinkConfig) -> Result<KafkaSink, String> {
         let client_config = config.client_config();
-        let producer: FutureProducer =
-            client_config.create().map_err(|e| format!("cannot create Kafka producer: {}", without_values(&e)))?;
+        let producer: ThreadedProducer<Reports> = client_config
+            .create_with_context(Reports::default())
+            .map_err(|e| format!("cannot create Kafka producer: {}", without_values(&e)))?;
         let admin: AdminClient<DefaultClientContext> =
             client_config.create().map_err(|e| format!("cannot create Kafka admin client: {}", without_values(&e)))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -205,11 +250,19 @@ impl KafkaSink {
         should_stop: &dyn Fn() -> bool,
     ) -> Result<InFlight, BatchError> {
         self.ensure_topics(messages.iter().map(|m| m.topic.as_str()))?;
-        let mut pending: Vec<Result<DeliveryFuture, SendFailure>> = Vec::with_capacity(messages.len());
-        for m in messages {
-            pending.push(self.enqueue(m, &message_id(m.id), should_stop)?);
+        let batch = {
+            let mut filed = self.producer.context().filed();
+            filed.batch = filed.batch.wrapping_add(1);
+            filed.reports.clear();
+            filed.reports.resize(messages.len(), None);
+            filed.batch
+        };
+        for (position, m) in messages.iter().enumerate() {
+            if let Err(failure) = self.enqueue(m, &message_id(m.id), opaque(batch, position), should_stop)? {
+                self.producer.context().file(opaque(batch, position), Err(failure));
+            }
         }
-        Ok(InFlight(pending))
+        Ok(InFlight { batch, messages: messages.len() })
     }
 
     /// Waits for every delivery report of a produced batch; one report per message, in order.
@@ -219,31 +272,21 @@ impl KafkaSink {
         should_stop: &dyn Fn() -> bool,
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
         self.flush(should_stop)?;
-        // The flush returns once librdkafka has served every delivery report, so the futures
-        // are complete: a poll each, not a runtime entry and a timer per message (5 % of a
-        // drain's CPU). Only one still pending is waited for.
-        let mut done = std::task::Context::from_waker(std::task::Waker::noop());
-        let mut reports = Vec::with_capacity(in_flight.0.len());
-        for p in in_flight.0 {
-            let report = match p {
-                Err(failure) => Err(failure),
-                Ok(mut future) => loop {
-                    if let std::task::Poll::Ready(delivery) = std::pin::Pin::new(&mut future).poll(&mut done) {
-                        break delivery_report(delivery);
-                    }
-                    let waited = self
-                        .runtime
-                        .block_on(async { tokio::time::timeout(Duration::from_millis(100), &mut future).await });
-                    match waited {
-                        Ok(delivery) => break delivery_report(delivery),
-                        Err(_elapsed) if should_stop() => return Err(BatchError::Interrupted),
-                        Err(_elapsed) => continue,
-                    }
-                },
-            };
-            reports.push(report);
+        // A message counts as in librdkafka's queue until its report has been filed, so after
+        // the flush every report is here; the loop only guards against a report still on its way.
+        loop {
+            {
+                let mut filed = self.producer.context().filed();
+                if filed.batch == in_flight.batch && filed.reports.iter().all(Option::is_some) {
+                    let reports = std::mem::take(&mut filed.reports);
+                    return Ok(reports.into_iter().take(in_flight.messages).flatten().collect());
+                }
+            }
+            if should_stop() {
+                return Err(BatchError::Interrupted);
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(reports)
     }
 
     /// Sends what was produced now, not after `linger.ms`: the worker waits for every report of
@@ -269,14 +312,16 @@ impl KafkaSink {
         &self,
         m: &OutboundMessage,
         message_id: &str,
+        opaque: usize,
         should_stop: &dyn Fn() -> bool,
-    ) -> Result<Result<DeliveryFuture, SendFailure>, BatchError> {
+    ) -> Result<Result<(), SendFailure>, BatchError> {
         let mut headers = OwnedHeaders::new_with_capacity(m.headers.len() + 1);
         for (k, v) in &m.headers {
             headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
         headers = headers.insert(Header { key: MESSAGE_ID_HEADER, value: Some(message_id.as_bytes()) });
-        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&m.topic).headers(headers);
+        let mut record: BaseRecord<'_, str, [u8], usize> =
+            BaseRecord::with_opaque_to(&m.topic, opaque).headers(headers);
         if let Some(key) = &m.key {
             record = record.key(key.as_str());
         }
@@ -284,8 +329,8 @@ impl KafkaSink {
             record = record.payload(payload.as_slice());
         }
         loop {
-            match self.producer.send_result(record) {
-                Ok(future) => return Ok(Ok(future)),
+            match self.producer.send(record) {
+                Ok(()) => return Ok(Ok(())),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     if should_stop() {
                         return Err(BatchError::Interrupted);
@@ -346,6 +391,25 @@ mod tests {
         .expect("librdkafka rejects the value");
         assert!(err.contains("security.protocol"), "{err}");
         assert!(!err.contains("hunter2-secret"), "{err}");
+    }
+
+    #[test]
+    fn reports_are_filed_by_position_and_a_late_one_of_an_earlier_batch_is_dropped() {
+        let reports = Reports::default();
+        {
+            let mut filed = reports.filed();
+            filed.batch = 7;
+            filed.reports = vec![None, None, None];
+        }
+        reports.file(opaque(6, 0), Ok(()));
+        reports.file(opaque(7, 2), Err(SendFailure::Refused("too large".into())));
+        reports.file(opaque(7, 1), Ok(()));
+        reports.file(opaque(7, 3), Ok(()));
+        let filed = reports.filed();
+        assert!(filed.reports[0].is_none(), "batch 6's report is not batch 7's first");
+        assert!(matches!(filed.reports[1], Some(Ok(()))));
+        assert!(matches!(filed.reports[2], Some(Err(SendFailure::Refused(_)))));
+        assert_eq!(filed.reports.len(), 3, "a position past the batch is ignored");
     }
 
     #[test]

@@ -1,4 +1,6 @@
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -6,8 +8,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka_sys::{rd_kafka_vtype_t as vtype, rd_kafka_vu_s__bindgen_ty_1 as VuValue, rd_kafka_vu_t};
 
 use crate::message::MESSAGE_ID_HEADER;
 use crate::{OutboundMessage, SendFailure};
@@ -87,10 +89,24 @@ fn without_values(err: &KafkaError) -> String {
 /// creates missing topics.
 pub struct KafkaSink {
     config: SinkConfig,
+    /// A handle per topic seen, so that producing a message does not look its topic up by name.
+    /// Declared before the producer: handles are released before it is destroyed.
+    topics: HashMap<String, TopicHandle>,
     producer: ThreadedProducer<Reports>,
     admin: AdminClient<DefaultClientContext>,
     runtime: tokio::runtime::Runtime,
-    known_topics: HashSet<String>,
+}
+
+/// librdkafka's handle of one topic of this producer.
+struct TopicHandle(NonNull<rdkafka_sys::rd_kafka_topic_t>);
+
+// librdkafka's topic handles may be used from any thread.
+unsafe impl Send for TopicHandle {}
+
+impl Drop for TopicHandle {
+    fn drop(&mut self) {
+        unsafe { rdkafka_sys::rd_kafka_topic_destroy(self.0.as_ptr()) };
+    }
 }
 
 /// The reports of the batch in flight, filed by position. A message carries its position and
@@ -168,7 +184,7 @@ impl KafkaSink {
             .enable_time()
             .build()
             .map_err(|e| format!("cannot start the delivery runtime: {e}"))?;
-        Ok(KafkaSink { config, producer, admin, runtime, known_topics: HashSet::new() })
+        Ok(KafkaSink { config, topics: HashMap::new(), producer, admin, runtime })
     }
 
     pub fn config(&self) -> &SinkConfig {
@@ -196,9 +212,11 @@ impl KafkaSink {
     /// and may not be created is left alone: its messages are refused by the broker and follow
     /// the retry/dead-letter path.
     pub fn ensure_topics<'a>(&mut self, topics: impl IntoIterator<Item = &'a str>) -> Result<(), BatchError> {
+        let mut previous = None;
         let wanted: Vec<String> = topics
             .into_iter()
-            .filter(|t| !self.known_topics.contains(*t))
+            // A batch is mostly runs of one topic: a comparison with the one before, not a hash each.
+            .filter(|t| previous.replace(*t) != Some(*t) && !self.topics.contains_key(*t))
             .map(str::to_string)
             .collect::<HashSet<_>>()
             .into_iter()
@@ -216,7 +234,18 @@ impl KafkaSink {
             if !exists && self.config.create_topics {
                 self.create_topic(&topic)?;
             }
-            self.known_topics.insert(topic);
+            let name = CString::new(topic.as_str())
+                .map_err(|_| BatchError::Unavailable(format!("topic name \"{topic}\" contains a NUL byte")))?;
+            let handle = unsafe {
+                rdkafka_sys::rd_kafka_topic_new(
+                    self.producer.client().native_ptr(),
+                    name.as_ptr(),
+                    std::ptr::null_mut(),
+                )
+            };
+            let handle = NonNull::new(handle)
+                .ok_or_else(|| BatchError::Unavailable(format!("librdkafka refused a handle for topic \"{topic}\"")))?;
+            self.topics.insert(topic, TopicHandle(handle));
         }
         Ok(())
     }
@@ -257,8 +286,21 @@ impl KafkaSink {
             filed.reports.resize(messages.len(), None);
             filed.batch
         };
+        let mut topic: Option<(&str, *mut rdkafka_sys::rd_kafka_topic_t)> = None;
         for (position, m) in messages.iter().enumerate() {
-            if let Err(failure) = self.enqueue(m, &message_id(m.id), opaque(batch, position), should_stop)? {
+            let handle = match topic {
+                Some((name, handle)) if name == m.topic => handle,
+                _ => {
+                    let handle = self
+                        .topics
+                        .get(&m.topic)
+                        .map(|h| h.0.as_ptr())
+                        .ok_or_else(|| BatchError::Unavailable(format!("no handle for topic \"{}\"", m.topic)))?;
+                    topic = Some((&m.topic, handle));
+                    handle
+                }
+            };
+            if let Err(failure) = self.enqueue(handle, m, &message_id(m.id), opaque(batch, position), should_stop)? {
                 self.producer.context().file(opaque(batch, position), Err(failure));
             }
         }
@@ -307,39 +349,69 @@ impl KafkaSink {
         }
     }
 
-    /// Hands one message to librdkafka, waiting while its local queue is full.
+    /// Hands one message to librdkafka (which copies it), waiting while its local queue is full.
+    /// Straight through librdkafka's C API with the topic's handle: rdkafka's `send` would copy
+    /// the topic name into a new C string and look the topic up by it, and copy every header
+    /// name too, for each message.
     fn enqueue(
         &self,
+        topic: *mut rdkafka_sys::rd_kafka_topic_t,
         m: &OutboundMessage,
         message_id: &str,
         opaque: usize,
         should_stop: &dyn Fn() -> bool,
     ) -> Result<Result<(), SendFailure>, BatchError> {
-        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len() + 1);
-        for (k, v) in &m.headers {
-            headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
-        }
-        headers = headers.insert(Header { key: MESSAGE_ID_HEADER, value: Some(message_id.as_bytes()) });
-        let mut record: BaseRecord<'_, str, [u8], usize> =
-            BaseRecord::with_opaque_to(&m.topic, opaque).headers(headers);
-        if let Some(key) = &m.key {
-            record = record.key(key.as_str());
-        }
-        if let Some(payload) = &m.payload {
-            record = record.payload(payload.as_slice());
-        }
+        let bytes = |b: Option<&[u8]>| VuValue {
+            mem: rdkafka_sys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                ptr: b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
+                size: b.map_or(0, <[u8]>::len),
+            },
+        };
         loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(Ok(())),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    if should_stop() {
-                        return Err(BatchError::Interrupted);
-                    }
-                    record = returned;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((err, _)) => return Ok(Err(SendFailure::from_kafka(&err))),
+            let headers = unsafe { rdkafka_sys::rd_kafka_headers_new(m.headers.len() + 1) };
+            let names_and_values = m.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes()));
+            for (name, value) in names_and_values.chain([(MESSAGE_ID_HEADER.as_bytes(), message_id.as_bytes())]) {
+                unsafe {
+                    rdkafka_sys::rd_kafka_header_add(
+                        headers,
+                        name.as_ptr().cast(),
+                        name.len() as isize,
+                        value.as_ptr().cast(),
+                        value.len() as isize,
+                    )
+                };
             }
+            let fields = [
+                rd_kafka_vu_t { vtype: vtype::RD_KAFKA_VTYPE_RKT, u: VuValue { rkt: topic } },
+                rd_kafka_vu_t { vtype: vtype::RD_KAFKA_VTYPE_PARTITION, u: VuValue { i32_: -1 } },
+                rd_kafka_vu_t {
+                    vtype: vtype::RD_KAFKA_VTYPE_MSGFLAGS,
+                    u: VuValue { i: rdkafka_sys::RD_KAFKA_MSG_F_COPY },
+                },
+                rd_kafka_vu_t { vtype: vtype::RD_KAFKA_VTYPE_VALUE, u: bytes(m.payload.as_deref()) },
+                rd_kafka_vu_t { vtype: vtype::RD_KAFKA_VTYPE_KEY, u: bytes(m.key.as_ref().map(String::as_bytes)) },
+                rd_kafka_vu_t { vtype: vtype::RD_KAFKA_VTYPE_OPAQUE, u: VuValue { ptr: opaque as *mut _ } },
+                rd_kafka_vu_t { vtype: vtype::RD_KAFKA_VTYPE_HEADERS, u: VuValue { headers } },
+            ];
+            let error = unsafe {
+                rdkafka_sys::rd_kafka_produceva(self.producer.client().native_ptr(), fields.as_ptr(), fields.len())
+            };
+            if error.is_null() {
+                // librdkafka owns the headers now.
+                return Ok(Ok(()));
+            }
+            let code: RDKafkaErrorCode = unsafe { rdkafka_sys::rd_kafka_error_code(error) }.into();
+            unsafe {
+                rdkafka_sys::rd_kafka_error_destroy(error);
+                rdkafka_sys::rd_kafka_headers_destroy(headers);
+            }
+            if code != RDKafkaErrorCode::QueueFull {
+                return Ok(Err(SendFailure::from_kafka(&KafkaError::MessageProduction(code))));
+            }
+            if should_stop() {
+                return Err(BatchError::Interrupted);
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `outbox.enqueue_message()` (SQL version 0.3.0 on): the checks and the INSERT in one C
-//! function, in the caller's transaction. It writes straight into the current storage slot's
+//! function, in the caller's transaction. A JSON payload is stored as the UTF-8 text Kafka
+//! receives (0.4.0 on): it is rendered here once, for its size check and for the worker. It writes straight into the current storage slot's
 //! partition through a plan kept for the session, so a call costs no PL/pgSQL, no
 //! `SET search_path` switch and no partition routing. The statements it runs name every object
 //! with its schema and take typed parameters, so the caller's search_path cannot redirect them
@@ -18,6 +19,7 @@ use pgrx::{JsonB, PgSqlErrorCode};
 
 use crate::api::{check_message, wake_on_commit};
 use crate::shmem;
+use crate::store::{extension_version, SQL_VERSION};
 
 thread_local! {
     /// The INSERT into each slot's partition, planned on first use in this session.
@@ -75,8 +77,15 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
 
     let topic: Option<&str> = pg_getarg(fcinfo, 0);
     let header_values = headers.and_then(|d| JsonB::from_datum(d, false));
-    let payload_bytes = payload.map(|d| payload_len(d, kind));
-    check_message(topic, header_values, payload_bytes);
+    let json_text = match kind {
+        PayloadKind::Json => payload.map(|d| json_text(d)),
+        PayloadKind::Bytes => None,
+    };
+    let payload_bytes = match kind {
+        PayloadKind::Json => json_text.map(<[u8]>::len),
+        PayloadKind::Bytes => payload.map(|d| (pg_sys::toast_raw_datum_size(d) - pg_sys::VARHDRSZ) as usize),
+    };
+    check_message(topic, header_values, payload_bytes.map(|len| i32::try_from(len).unwrap_or(i32::MAX)));
 
     let (json, bytes) = match kind {
         PayloadKind::Json => (payload, None),
@@ -86,23 +95,40 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
         Some(d) => DatumWithOid::new(d, oid.value()),
         None => DatumWithOid::null_oid(oid.value()),
     };
-    let mut args = vec![
-        arg(topic_datum, PgBuiltInOids::TEXTOID),
-        arg(key, PgBuiltInOids::TEXTOID),
-        arg(bytes, PgBuiltInOids::BYTEAOID),
-        arg(json, PgBuiltInOids::JSONBOID),
-        arg(headers, PgBuiltInOids::JSONBOID),
-    ];
     let id = if deliver_after.is_some() || deliver_at.is_some() {
-        args.push(arg(deliver_at, PgBuiltInOids::TIMESTAMPTZOID));
-        args.push(arg(deliver_after, PgBuiltInOids::INTERVALOID));
-        insert_delayed(&args)
+        insert_delayed(&[
+            arg(topic_datum, TEXT),
+            arg(key, TEXT),
+            arg(bytes, BYTEA),
+            arg(json, JSONB),
+            arg(headers, JSONB),
+            arg(deliver_at, TIMESTAMPTZ),
+            arg(deliver_after, INTERVAL),
+        ])
     } else {
-        insert(shmem::current_slot(pg_sys::MyDatabaseId.to_u32()), &args)
+        insert(
+            shmem::current_slot(pg_sys::MyDatabaseId.to_u32()),
+            &[
+                arg(topic_datum, TEXT),
+                arg(key, TEXT),
+                arg(bytes, BYTEA),
+                arg(json_text.and_then(|t| t.into_datum()), BYTEA),
+                arg(headers, JSONB),
+            ],
+        )
     };
     let id = match id {
         Ok(id) => id,
-        Err(e) => {
+        Err(StoreError::OutdatedSql(version)) => {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "pg_outbox's SQL objects are version {version}, its library needs {SQL_VERSION}: run ALTER EXTENSION pg_outbox UPDATE"
+                )
+            );
+        }
+        Err(StoreError::Spi(e)) => {
             ereport!(ERROR, PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("cannot store the message: {e}"));
         }
     };
@@ -110,68 +136,81 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
     pg_sys::Datum::from(id)
 }
 
-/// The size of what Kafka receives: a JSON payload is sent as its text form.
-unsafe fn payload_len(datum: pg_sys::Datum, kind: PayloadKind) -> i32 {
-    let len = match kind {
-        PayloadKind::Bytes => pg_sys::toast_raw_datum_size(datum) - pg_sys::VARHDRSZ,
-        PayloadKind::Json => {
-            let jsonb = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::Jsonb;
-            let text = pg_sys::JsonbToCString(
-                std::ptr::null_mut(),
-                &mut (*jsonb).root,
-                pgrx::varlena::varsize_any(jsonb as *const pg_sys::varlena) as i32,
-            );
-            CStr::from_ptr(text).to_bytes().len()
-        }
-    };
-    i32::try_from(len).unwrap_or(i32::MAX)
+/// A JSON payload as the UTF-8 text Kafka receives: jsonb's own text form, converted from the
+/// database encoding if that is not UTF-8. Allocated in the current memory context.
+unsafe fn json_text<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    let jsonb = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::Jsonb;
+    let text = pg_sys::JsonbToCString(
+        std::ptr::null_mut(),
+        &mut (*jsonb).root,
+        pgrx::varlena::varsize_any(jsonb as *const pg_sys::varlena) as i32,
+    );
+    let len = CStr::from_ptr(text).to_bytes().len();
+    // The same pointer when no conversion is needed. JSON text has no NUL (jsonb refuses \u0000).
+    let utf8 = pg_sys::pg_server_to_any(text, len as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+    CStr::from_ptr(utf8).to_bytes()
 }
 
-fn types(extra: &[PgBuiltInOids]) -> Vec<PgOid> {
-    [
-        PgBuiltInOids::TEXTOID,
-        PgBuiltInOids::TEXTOID,
-        PgBuiltInOids::BYTEAOID,
-        PgBuiltInOids::JSONBOID,
-        PgBuiltInOids::JSONBOID,
-    ]
-    .iter()
-    .chain(extra)
-    .map(|&oid| PgOid::BuiltIn(oid))
-    .collect()
+enum StoreError {
+    Spi(pgrx::spi::Error),
+    /// The extension's SQL objects are not the version this library writes to.
+    OutdatedSql(String),
 }
 
-fn insert(slot: i16, args: &[DatumWithOid]) -> Result<i64, pgrx::spi::Error> {
+impl From<pgrx::spi::Error> for StoreError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        StoreError::Spi(e)
+    }
+}
+
+const TEXT: PgBuiltInOids = PgBuiltInOids::TEXTOID;
+const BYTEA: PgBuiltInOids = PgBuiltInOids::BYTEAOID;
+const JSONB: PgBuiltInOids = PgBuiltInOids::JSONBOID;
+const TIMESTAMPTZ: PgBuiltInOids = PgBuiltInOids::TIMESTAMPTZOID;
+const INTERVAL: PgBuiltInOids = PgBuiltInOids::INTERVALOID;
+
+fn types(oids: &[PgBuiltInOids]) -> Vec<PgOid> {
+    oids.iter().map(|&oid| PgOid::BuiltIn(oid)).collect()
+}
+
+fn insert(slot: i16, args: &[DatumWithOid]) -> Result<i64, StoreError> {
     Spi::connect_mut(|client| {
         INSERTS.with(|plans| {
             let mut plans = plans.borrow_mut();
             let plan = match plans.entry(slot) {
                 Entry::Occupied(kept) => kept.into_mut(),
                 Entry::Vacant(new) => {
+                    // After a new library is installed and before ALTER EXTENSION UPDATE, the
+                    // table may lack a column this INSERT names: say what to do instead.
+                    let version = extension_version(client)?;
+                    if version != SQL_VERSION {
+                        return Err(StoreError::OutdatedSql(version));
+                    }
                     let sql = format!(
-                        "INSERT INTO outbox.messages_{slot} (slot, topic, key, payload, json_payload, headers)
+                        "INSERT INTO outbox.messages_{slot} (slot, topic, key, payload, json_text, headers)
                          VALUES ('{slot}', $1, $2, $3, $4, $5) RETURNING id"
                     );
-                    new.insert(client.prepare_mut(&sql, &types(&[]))?.keep())
+                    let types = types(&[TEXT, TEXT, BYTEA, BYTEA, JSONB]);
+                    new.insert(client.prepare_mut(&sql, &types)?.keep())
                 }
             };
-            client.update(&*plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)
+            Ok(client.update(&*plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)?)
         })
     })
 }
 
-fn insert_delayed(args: &[DatumWithOid]) -> Result<i64, pgrx::spi::Error> {
+fn insert_delayed(args: &[DatumWithOid]) -> Result<i64, StoreError> {
     Spi::connect_mut(|client| {
         DELAYED.with(|plan| {
             let mut plan = plan.borrow_mut();
             if plan.is_none() {
                 let sql = "SELECT outbox._store_message($1, $2, $3, $4, $5,
                                   coalesce($6, pg_catalog.now() OPERATOR(pg_catalog.+) $7))";
-                let types = types(&[PgBuiltInOids::TIMESTAMPTZOID, PgBuiltInOids::INTERVALOID]);
+                let types = types(&[TEXT, TEXT, BYTEA, JSONB, JSONB, TIMESTAMPTZ, INTERVAL]);
                 *plan = Some(client.prepare_mut(sql, &types)?.keep());
             }
             let plan = plan.as_ref().ok_or(pgrx::spi::Error::NoTupleTable)?;
-            client.update(plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)
+            Ok(client.update(plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)?)
         })
     })
 }

@@ -122,7 +122,7 @@ fn on_state_row<'c>(
 }
 
 /// The version of the extension's SQL objects this library works with.
-pub const SQL_VERSION: &str = "0.3.0";
+pub const SQL_VERSION: &str = "0.4.0";
 
 /// Whether the extension exists, holding a share lock on it for the rest of the transaction: a
 /// concurrent DROP EXTENSION then waits for this short transaction (or this one for it, and then
@@ -139,7 +139,7 @@ fn extension_installed() -> bool {
 }
 
 /// The installed version of the extension's SQL objects.
-fn extension_version(client: &SpiClient) -> SpiResult<String> {
+pub fn extension_version(client: &SpiClient) -> SpiResult<String> {
     with_plan(
         client,
         "extension_version",
@@ -210,14 +210,18 @@ pub struct Destination {
     pub kafka_properties: Option<String>,
 }
 
-/// The columns message_from_row reads. A JSON payload is sent as UTF-8 text: in a UTF-8 database
-/// its text form already is that, read as text it skips convert_to's check and copy of every
-/// payload (a tenth of a drain's read).
-fn message_columns() -> &'static str {
-    if database_is_utf8() {
-        "id, topic, key, payload, json_payload::text, headers::text"
-    } else {
-        "id, topic, key, payload, convert_to(json_payload::text, 'UTF8'), headers::text"
+/// The columns message_from_row reads from outbox.messages (`held` false) or held_messages.
+/// A JSON payload is sent as UTF-8 text: enqueue_message stores it so (json_text); a row
+/// written before 0.4.0, a delayed one and a held one have jsonb, rendered here. In a UTF-8
+/// database that text already is UTF-8, and read as text it skips convert_to's check and copy.
+fn message_columns(held: bool) -> &'static str {
+    match (held, database_is_utf8()) {
+        (false, true) => "id, topic, key, coalesce(payload, json_text), json_payload::text, headers::text",
+        (false, false) => {
+            "id, topic, key, coalesce(payload, json_text), convert_to(json_payload::text, 'UTF8'), headers::text"
+        }
+        (true, true) => "id, topic, key, payload, json_payload::text, headers::text",
+        (true, false) => "id, topic, key, payload, convert_to(json_payload::text, 'UTF8'), headers::text",
     }
 }
 
@@ -268,7 +272,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                 return Ok(Work::OutdatedExtension(version));
             }
             let mut batch = Batch::default();
-            let columns = message_columns();
+            let columns = message_columns(false);
             // Everything a cycle needs to know besides the messages, in one statement.
             let names = ["read_state", "read_state_scan"];
             prepare_on_state_row(
@@ -404,7 +408,7 @@ fn read_destinations(client: &SpiClient, batch: &mut Batch) -> SpiResult<()> {
 const IN_LINE: &str = "NOT (h.delayed AND h.attempts = 0 AND h.next_attempt_at > now())";
 
 fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
-    let columns = message_columns();
+    let columns = message_columns(true);
     for row in client.select(
         &format!("SELECT DISTINCT topic, key FROM outbox.held_messages h WHERE key IS NOT NULL AND {IN_LINE}"),
         None,
@@ -515,8 +519,9 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                     "INSERT INTO outbox.held_messages
                          (id, topic, key, payload, json_payload, headers, enqueued_at, attempts,
                           next_attempt_at, last_error, last_error_at)
-                     SELECT m.id, m.topic, m.key, m.payload, m.json_payload, m.headers, m.enqueued_at,
-                            u.attempts,
+                     SELECT m.id, m.topic, m.key, m.payload,
+                            coalesce(m.json_payload, convert_from(m.json_text, 'UTF8')::jsonb),
+                            m.headers, m.enqueued_at, u.attempts,
                             now() + make_interval(secs => coalesce(($4::float8[])[greatest(u.attempts, 1)], 0)) * (u.attempts > 0)::int,
                             u.error, CASE WHEN u.error IS NOT NULL THEN now() END
                      FROM unnest($1::int8[], $2::int4[], $3::text[]) WITH ORDINALITY AS u(id, attempts, error, ord)

@@ -289,11 +289,31 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.3.0");
+    assert_eq!(version, "0.4.0");
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
         &[&topic],
     )
     .unwrap();
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"before upgrade\"", "\"after upgrade\""]);
+    db.execute("SELECT outbox.enqueue_message($1, '\"stored as text\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    assert_eq!(
+        payloads(&read_topic(&bootstrap, &topic, 3, WAIT)),
+        vec!["\"before upgrade\"", "\"after upgrade\"", "\"stored as text\""]
+    );
+}
+
+#[test]
+fn enqueue_against_sql_objects_older_than_the_library_asks_for_the_update() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_without_extension(&bootstrap, "");
+    let mut db = c.client();
+    db.batch_execute("CREATE EXTENSION pg_outbox VERSION '0.3.0'").unwrap();
+    let topic = unique("outdated");
+    let err = db.execute("SELECT outbox.enqueue_message($1, '{}'::jsonb)", &[&topic]).unwrap_err();
+    let err = err.as_db_error().expect("a database error");
+    assert_eq!(err.code().code(), "55000", "{err:?}");
+    assert!(err.message().contains("run ALTER EXTENSION pg_outbox UPDATE"), "{err:?}");
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '{\"n\": 1}'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 1, WAIT)), vec![r#"{"n": 1}"#]);
 }

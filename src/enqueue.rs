@@ -1,7 +1,8 @@
 //! `outbox.enqueue_message()` (SQL version 0.3.0 on): the checks and the INSERT in one C
 //! function, in the caller's transaction. A JSON payload is stored as the UTF-8 text Kafka
-//! receives (0.4.0 on): it is rendered here once, for its size check and for the worker. It writes straight into the current storage slot's
-//! partition through a plan kept for the session, so a call costs no PL/pgSQL, no
+//! receives (0.4.0 on): it is rendered here once, for its size check and for the worker. It
+//! writes straight into the current storage slot's partition through a plan kept for the
+//! session, so a call costs no PL/pgSQL, no
 //! `SET search_path` switch and no partition routing. The statements it runs name every object
 //! with its schema and take typed parameters, so the caller's search_path cannot redirect them
 //! (the function is SECURITY DEFINER).
@@ -15,6 +16,7 @@ use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
 use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
+use pgrx::varlena::{set_varsize_4b, varsize_any, varsize_any_exhdr};
 use pgrx::{JsonB, PgSqlErrorCode};
 
 use crate::api::{check_message, wake_on_commit};
@@ -82,7 +84,7 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
         PayloadKind::Bytes => None,
     };
     let payload_bytes = match kind {
-        PayloadKind::Json => json_text.map(<[u8]>::len),
+        PayloadKind::Json => json_text.map(|t| varsize_any_exhdr(t)),
         PayloadKind::Bytes => payload.map(|d| (pg_sys::toast_raw_datum_size(d) - pg_sys::VARHDRSZ) as usize),
     };
     check_message(topic, header_values, payload_bytes.map(|len| i32::try_from(len).unwrap_or(i32::MAX)));
@@ -112,7 +114,7 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
                 arg(topic_datum, TEXT),
                 arg(key, TEXT),
                 arg(bytes, BYTEA),
-                arg(json_text.and_then(|t| t.into_datum()), BYTEA),
+                arg(json_text.map(pg_sys::Datum::from), BYTEA),
                 arg(headers, JSONB),
             ],
         )
@@ -136,19 +138,28 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
     pg_sys::Datum::from(id)
 }
 
-/// A JSON payload as the UTF-8 text Kafka receives: jsonb's own text form, converted from the
-/// database encoding if that is not UTF-8. Allocated in the current memory context.
-unsafe fn json_text<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+/// A JSON payload as the UTF-8 text Kafka receives, as a bytea: jsonb's own text form, written
+/// straight after a varlena header (no copy), and converted if the database encoding is not UTF-8.
+/// Allocated in the current memory context.
+unsafe fn json_text(datum: pg_sys::Datum) -> *mut pg_sys::varlena {
     let jsonb = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::Jsonb;
-    let text = pg_sys::JsonbToCString(
-        std::ptr::null_mut(),
-        &mut (*jsonb).root,
-        pgrx::varlena::varsize_any(jsonb as *const pg_sys::varlena) as i32,
-    );
-    let len = CStr::from_ptr(text).to_bytes().len();
-    // The same pointer when no conversion is needed. JSON text has no NUL (jsonb refuses \u0000).
-    let utf8 = pg_sys::pg_server_to_any(text, len as i32, pg_sys::pg_enc::PG_UTF8 as i32);
-    CStr::from_ptr(utf8).to_bytes()
+    let mut out: pg_sys::StringInfoData = std::mem::zeroed();
+    pg_sys::initStringInfo(&mut out);
+    pg_sys::appendStringInfoSpaces(&mut out, pg_sys::VARHDRSZ as i32);
+    pg_sys::JsonbToCString(&mut out, &mut (*jsonb).root, varsize_any(jsonb as *const pg_sys::varlena) as i32);
+    let text = out.data.add(pg_sys::VARHDRSZ);
+    let utf8 = pg_sys::pg_server_to_any(text, out.len - pg_sys::VARHDRSZ as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+    if utf8 == text {
+        let bytea = out.data as *mut pg_sys::varlena;
+        set_varsize_4b(bytea, out.len);
+        return bytea;
+    }
+    // Converted into a new string. JSON text has no NUL (jsonb refuses \u0000).
+    let len = CStr::from_ptr(utf8).to_bytes().len();
+    let bytea = pg_sys::palloc(pg_sys::VARHDRSZ + len) as *mut pg_sys::varlena;
+    std::ptr::copy_nonoverlapping(utf8, (bytea as *mut std::ffi::c_char).add(pg_sys::VARHDRSZ), len);
+    set_varsize_4b(bytea, (pg_sys::VARHDRSZ + len) as i32);
+    bytea
 }
 
 enum StoreError {

@@ -206,6 +206,7 @@ impl Worker {
             return Next::Sleep(poll_interval());
         }
         let batch_size = i64::from(guc::BATCH_SIZE.get());
+        let read_at = Instant::now();
         let prefetched = self.read_ahead.take();
         let was_read_ahead = prefetched.is_some();
         let read = match prefetched {
@@ -262,7 +263,7 @@ impl Worker {
             self.maybe_rotate();
             self.set_state(WorkerState::Idle);
             let wait = self.idle_wait(next_due_in);
-            self.coalescing.observe(0);
+            self.coalescing.observe(0, read_at, Instant::now());
             shmem::update(self.slot, |s| s.wakeups_empty += 1);
             return Next::Sleep(wait);
         }
@@ -337,7 +338,7 @@ impl Worker {
         if let Some((_, error)) = outcome.refused.first() {
             shmem::update(self.slot, |s| s.set_last_error(error));
         }
-        self.coalescing.observe(plan.send.len());
+        self.coalescing.observe(plan.send.len(), read_at, Instant::now());
         shmem::update(self.slot, |s| {
             s.batches += 1;
             s.delivered += delivered;
@@ -507,12 +508,15 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
             Next::Continue => continue,
             Next::Exit => break,
             Next::Sleep(timeout) => {
+                let asleep_since = Instant::now();
                 let woke = wait(timeout);
+                let idle = asleep_since.elapsed();
                 shmem::update(slot, |s| match woke {
                     Wake::Latch => s.wakeups_commit += 1,
                     Wake::Timeout => s.wakeups_poll += 1,
                 });
-                if let (Wake::Latch, Some(linger)) = (woke, worker.coalescing.linger()) {
+                let configured = Duration::from_millis(guc::LINGER_MS.get().max(0) as u64);
+                if let (Wake::Latch, Some(linger)) = (woke, worker.coalescing.linger(configured, idle)) {
                     unsafe { pg_sys::pg_usleep(linger.as_micros() as std::ffi::c_long) };
                 }
             }

@@ -23,6 +23,13 @@ on_every_broker!(
     a_single_message_arrives_within_milliseconds_of_commit,
 );
 
+// How the worker paces itself does not depend on the broker; on Kafka only, because a burst of
+// thousands of messages slows the Tansu (in memory) the other tests share for seconds.
+#[test]
+fn commits_that_outpace_the_worker_gather_into_fewer_batches_and_a_trickle_after_them_does_not_wait() {
+    commits_outpacing_the_worker(BrokerKind::Kafka)
+}
+
 fn committed_messages_reach_the_topic_with_key_headers_and_message_id(broker: BrokerKind) {
     let bootstrap = broker.shared_bootstrap();
     let c = Cluster::start(&bootstrap, "");
@@ -215,10 +222,73 @@ fn a_single_message_arrives_within_milliseconds_of_commit(broker: BrokerKind) {
     let mut db = c.client();
     db.execute("SELECT outbox.enqueue_message($1, '\"warm-up\"'::jsonb)", &[&topic]).unwrap();
     assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
-    let consumer = pg_outbox_tests::consumer(&bootstrap);
+    let (p50, max) = one_commit_at_a_time(&bootstrap, &mut db, &topic);
+    eprintln!("{broker:?}: commit-to-consumer latency p50 {p50:?}, max {max:?}");
+    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
+    assert!(max < Duration::from_secs(2), "max {max:?}");
+}
+
+fn commits_outpacing_the_worker(broker: BrokerKind) {
+    let bootstrap = broker.shared_bootstrap();
+    // A linger far longer than a cycle, so that whether the worker lingers shows in both the
+    // batch count and the latency,
+    // and a batch size no burst fills, so that only lingering makes the batches large.
+    let c = Cluster::start(
+        &bootstrap,
+        "pg_outbox.poll_interval = '10s'\npg_outbox.linger = '200ms'\npg_outbox.batch_size = 1000000",
+    );
+    let topic = unique("linger");
+    let mut db = c.client();
+    db.execute("SELECT outbox.enqueue_message($1, '\"warm-up\"'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    let batches = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT batches FROM outbox.worker_status", &[]).unwrap().get(0)
+    };
+    let batches_before = batches(&mut db);
+
+    // Two writers committing 20 messages a transaction, as fast as they can: each cycle would
+    // find dozens of messages, far more than a trickle brings.
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (dsn, topic) = (c.dsn("shop"), topic.clone());
+            std::thread::spawn(move || {
+                let mut db = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
+                for _ in 0..200 {
+                    db.execute(
+                        "SELECT count(outbox.enqueue_message($1, to_jsonb(i))) FROM generate_series(1, 20) i",
+                        &[&topic],
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    let writing = started.elapsed();
+    let sent = 2 * 200 * 20;
+    assert_eq!(read_topic(&bootstrap, &topic, sent + 1, WAIT).len(), sent + 1, "every message delivered once");
+    let burst_batches = batches(&mut db) - batches_before;
+    eprintln!("{broker:?}: {sent} messages written in {writing:?} went out in {burst_batches} batches");
+    // About one batch per 200 ms linger, plus the few cycles before the rate shows. Without
+    // lingering each cycle takes a few milliseconds and the messages that came meanwhile:
+    // hundreds of batches.
+    let expected = 10 + (writing.as_millis() / 200) as i64;
+    assert!(burst_batches <= 2 * expected, "{burst_batches} batches for {sent} messages in {writing:?}");
+
+    // Lingering does not outlast the rate that called for it.
+    let (p50, max) = one_commit_at_a_time(&bootstrap, &mut db, &topic);
+    eprintln!("{broker:?}: after the burst, commit-to-consumer latency p50 {p50:?}, max {max:?}");
+    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}: a trickle waited out the linger");
+}
+
+/// Commits 20 single messages 50 ms apart, each timed from its commit until a consumer has it:
+/// the median and the worst.
+fn one_commit_at_a_time(bootstrap: &str, db: &mut postgres::Client, topic: &str) -> (Duration, Duration) {
+    let consumer = pg_outbox_tests::consumer(bootstrap);
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..3 {
-        tpl.add_partition_offset(&topic, p, rdkafka::Offset::End).unwrap();
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::End).unwrap();
     }
     rdkafka::consumer::Consumer::assign(&consumer, &tpl).unwrap();
     std::thread::sleep(Duration::from_secs(1));
@@ -237,9 +307,5 @@ fn a_single_message_arrives_within_milliseconds_of_commit(broker: BrokerKind) {
         std::thread::sleep(Duration::from_millis(50));
     }
     latencies.sort();
-    let p50 = latencies[latencies.len() / 2];
-    let max = latencies[latencies.len() - 1];
-    eprintln!("{broker:?}: commit-to-consumer latency p50 {p50:?}, max {max:?}");
-    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
-    assert!(max < Duration::from_secs(2), "max {max:?}");
+    (latencies[latencies.len() / 2], latencies[latencies.len() - 1])
 }

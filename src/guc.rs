@@ -77,8 +77,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_outbox.linger",
-        c"How long the worker lets commits gather before reading them, once they come faster than it forwards them one cycle at a time.",
-        c"Fewer, larger batches cost the worker and the broker less per message and add up to this much latency under load; a trickle of commits is forwarded at once. 0 never waits.",
+        c"How long the worker lets messages gather before reading them, once they come faster than it forwards them cycle by cycle.",
+        c"Fewer, larger batches cost the worker and the broker less per message and add up to this much latency under load; a trickle is forwarded at once. 0 never waits.",
         &LINGER_MS,
         0,
         1000,

@@ -505,7 +505,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         // autovacuum never sees their dead row versions.
         unsafe { pg_sys::pgstat_report_stat(false) };
         match worker.cycle() {
-            Next::Continue => continue,
+            Next::Continue => worker.coalescing.continued(),
             Next::Exit => break,
             Next::Sleep(timeout) => {
                 let asleep_since = Instant::now();

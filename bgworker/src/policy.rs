@@ -117,53 +117,62 @@ pub fn flush_before_sending(unflushed_deliveries: i64, sending: i64, batch_size:
     unflushed_deliveries > 0 && unflushed_deliveries + sending > batch_size
 }
 
-/// Fewer, larger batches when commits come faster than the worker cycles.
+/// Fewer, larger batches when messages come faster than the worker cycles.
 ///
 /// Each cycle has a fixed cost (two short transactions, a produce request, a broker round trip).
-/// At a few thousand commits a second every commit wakes the worker and each cycle carries a
+/// At a few thousand messages a second every commit wakes the worker and each cycle carries a
 /// handful of messages, so that fixed cost is paid hundreds of times a second, by the worker and
-/// by the broker, on the cores the writers need. Once more commits arrive during a cycle's own
-/// work than a trickle would bring, the worker lets commits gather for a moment after it is
-/// woken, as a Kafka producer's `linger.ms` does. What decides is the commit rate times the time
-/// a cycle takes without lingering, so lingering cannot keep itself going, and a single large
-/// batch (a catch-up after a stall) does not count. A wakeup that came after the worker had been
-/// idle for longer than a cycle takes means commits no longer outpace it: that one never waits,
-/// however busy the cycles before it were.
+/// by the broker, on the cores the writers need. Once more messages arrive during a cycle's own
+/// work than a trickle would bring, the worker lets them gather for a moment after it is woken,
+/// as a Kafka producer's `linger.ms` does. What decides is the arrival rate times the time a
+/// cycle takes without lingering, so lingering does not by itself keep lingering going. Only
+/// cycles the worker entered from a wait count: the batches of a catch-up (after a stall, or a
+/// backlog) follow one another at once and measure how fast a backlog drains, not how fast
+/// messages arrive. And a wakeup that came after the worker had been idle for longer than a
+/// cycle takes never waits, however busy the cycles before it were.
 #[derive(Debug, Clone)]
 pub struct Coalescing {
-    /// Messages that arrived during one cycle's own work, averaged over about the last 8 cycles
-    /// (each counted as at most twice the busy mark, so that a burst is forgotten as quickly).
+    /// Messages that arrived during one cycle's own work, averaged over about the last 8 cycles.
+    /// Each cycle counts as at most twice the busy mark, so a burst is forgotten in about as many
+    /// cycles (six) as it takes to be noticed.
     average: f64,
+    /// When the last cycle entered from a wait read; None after a cycle that went on at once.
     previous_read: Option<Instant>,
-    /// How long the last cycle worked.
+    /// How long the last cycle that sent something worked.
     work: Duration,
 }
 
 impl Coalescing {
-    /// This many commits per cycle, on average, mean the commits outpace the worker.
+    /// This many messages per cycle, on average, mean they outpace the worker.
     const BUSY_AVERAGE: f64 = 6.0;
 
     pub fn new() -> Self {
         Coalescing { average: 0.0, previous_read: None, work: Duration::ZERO }
     }
 
-    /// Records a cycle that read `messages` (0 for a wakeup that found nothing) at `read_at` and
-    /// was done with them at `done_at`.
+    /// Records a cycle entered from a wait that read `messages` (0 for a wakeup that found
+    /// nothing) at `read_at` and was done with them at `done_at`.
     pub fn observe(&mut self, messages: usize, read_at: Instant, done_at: Instant) {
-        self.work = done_at.saturating_duration_since(read_at);
-        let arrived_during_work = match self.previous_read {
-            Some(previous) if read_at > previous => {
-                messages as f64 / (read_at - previous).as_secs_f64() * self.work.as_secs_f64()
-            }
-            _ => messages as f64,
-        };
+        if messages > 0 {
+            self.work = done_at.saturating_duration_since(read_at);
+        }
+        if let Some(previous) = self.previous_read.filter(|&p| read_at > p) {
+            let rate = messages as f64 / (read_at - previous).as_secs_f64();
+            let arrived_during_work = rate * self.work.as_secs_f64();
+            self.average += (arrived_during_work.min(2.0 * Self::BUSY_AVERAGE) - self.average) / 8.0;
+        }
         self.previous_read = Some(read_at);
-        self.average += (arrived_during_work.min(2.0 * Self::BUSY_AVERAGE) - self.average) / 8.0;
     }
 
-    /// How long to let commits gather after a wakeup that came `idle` after the last cycle, if
-    /// at all: `configured` while commits outpace the cycles, none for a commit that comes
-    /// alone (its latency is all there is).
+    /// Records a cycle that went on at once after the one before (a backlog): the next cycle
+    /// entered from a wait starts a new measurement instead of counting the backlog as a rate.
+    pub fn continued(&mut self) {
+        self.previous_read = None;
+    }
+
+    /// How long to let messages gather after a wakeup that came `idle` after the last cycle, if
+    /// at all: `configured` while they outpace the cycles, none for a commit that comes alone
+    /// (its latency is all there is).
     pub fn linger(&self, configured: Duration, idle: Duration) -> Option<Duration> {
         (self.average >= Self::BUSY_AVERAGE && idle <= self.work && !configured.is_zero()).then_some(configured)
     }
@@ -235,25 +244,24 @@ mod tests {
         assert_eq!(b.after_failures(60), Duration::from_secs(10));
     }
 
-    /// Runs `c` for `seconds` of commits arriving steadily at `rate` (commits/s), each cycle
-    /// working `work`: it reads what arrived since the read before, sleeps until a commit has
+    /// Runs `c` for `seconds` of messages arriving steadily at `rate` (per second), each cycle
+    /// working `work`: it reads what arrived since the read before, sleeps until a message has
     /// come (not at all if one came while it worked), then lingers if `c` says so. Returns the
-    /// number of cycles that read something and the longest a commit waited to be read.
+    /// number of cycles that lingered and the longest a message waited to be read.
     fn run(c: &mut Coalescing, clock: &mut Instant, seconds: f64, rate: f64, work: Duration) -> (usize, Duration) {
         const LINGER: Duration = Duration::from_millis(5);
         let (start, end) = (*clock, *clock + Duration::from_secs_f64(seconds));
-        let commit = |k: f64| start + Duration::from_secs_f64(k / rate);
+        let arrival = |k: f64| start + Duration::from_secs_f64(k / rate);
         let (mut read_upto, mut lingered, mut longest_wait) = (0.0_f64, 0, Duration::ZERO);
         while *clock < end {
             let arrived = (((*clock - start).as_secs_f64() * rate).floor() - read_upto).max(0.0);
             if arrived > 0.0 {
-                longest_wait = longest_wait.max(*clock - commit(read_upto + 1.0));
+                longest_wait = longest_wait.max(*clock - arrival(read_upto + 1.0));
             }
             read_upto += arrived;
             c.observe(arrived as usize, *clock, *clock + work);
             let done = *clock + work;
-            let next_commit = commit(read_upto + 1.0);
-            let idle = next_commit.saturating_duration_since(done);
+            let idle = arrival(read_upto + 1.0).saturating_duration_since(done);
             *clock = done + idle;
             if let Some(linger) = c.linger(LINGER, idle) {
                 *clock += linger;
@@ -264,30 +272,39 @@ mod tests {
     }
 
     #[test]
-    fn commits_linger_only_while_they_outpace_the_cycles() {
+    fn messages_linger_only_while_they_outpace_the_cycles() {
         let work = Duration::from_micros(1500);
         let (mut c, mut clock) = (Coalescing::new(), Instant::now());
         let (lingered, longest_wait) = run(&mut c, &mut clock, 1.0, 1000.0, work);
-        assert_eq!(lingered, 0, "1,000 commits/s: a cycle keeps up with one or two at a time");
+        assert_eq!(lingered, 0, "1,000/s: a cycle keeps up with one or two at a time");
         assert!(longest_wait <= work, "{longest_wait:?}");
         let (lingered, _) = run(&mut c, &mut clock, 1.0, 8000.0, work);
-        assert!(lingered > 100, "8,000 commits/s outpace 1.5 ms cycles: they gather ({lingered} lingers)");
+        assert!(lingered > 100, "8,000/s outpace 1.5 ms cycles: they gather ({lingered} lingers)");
+        let (lingered, longest_wait) = run(&mut c, &mut clock, 1.0, 20.0, work);
+        assert_eq!(lingered, 0, "a trickle right after a burst never waits ({longest_wait:?})");
+        run(&mut c, &mut clock, 1.0, 8000.0, work);
         let (lingered, _) = run(&mut c, &mut clock, 1.0, 1000.0, work);
         assert!(lingered <= 8, "back to 1,000/s: a few cycles notice, then no lingering ({lingered} lingers)");
-        let (lingered, longest_wait) = run(&mut c, &mut clock, 1.0, 20.0, work);
-        assert_eq!(lingered, 0, "a trickle, even right after a burst, never waits ({longest_wait:?})");
         run(&mut c, &mut clock, 1.0, 8000.0, work);
         assert_eq!(c.linger(Duration::ZERO, Duration::ZERO), None, "lingering turned off");
     }
 
     #[test]
-    fn one_catch_up_batch_after_a_stall_does_not_make_the_worker_linger() {
+    fn a_catch_up_after_a_stall_does_not_make_the_worker_linger() {
         const LINGER: Duration = Duration::from_millis(5);
+        let work = Duration::from_millis(1);
         let (mut c, mut clock) = (Coalescing::new(), Instant::now());
-        run(&mut c, &mut clock, 1.0, 1000.0, Duration::from_millis(1));
-        // The broker stalled for 100 ms: the next cycle reads 100 messages, and takes longer.
-        clock += Duration::from_millis(100);
-        c.observe(100, clock, clock + Duration::from_millis(3));
+        run(&mut c, &mut clock, 1.0, 1000.0, work);
+        // The broker stalled for 2 s: 2,000 messages wait, read as 20 full batches of 100 one
+        // right after the other, while more keep coming.
+        clock += Duration::from_secs(2);
+        for _ in 0..20 {
+            c.observe(100, clock, clock + Duration::from_millis(5));
+            c.continued();
+            clock += Duration::from_millis(5);
+        }
+        // The latch was set all along: the first wait returns at once.
+        c.observe(5, clock, clock + work);
         assert_eq!(c.linger(LINGER, Duration::ZERO), None);
     }
 

@@ -222,7 +222,8 @@ fn a_single_message_arrives_within_milliseconds_of_commit(broker: BrokerKind) {
     let mut db = c.client();
     db.execute("SELECT outbox.enqueue_message($1, '\"warm-up\"'::jsonb)", &[&topic]).unwrap();
     assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
-    let (p50, max) = one_commit_at_a_time(&bootstrap, &mut db, &topic);
+    let latencies = one_commit_at_a_time(&bootstrap, &mut db, &topic);
+    let (p50, max) = (latencies[latencies.len() / 2], latencies[latencies.len() - 1]);
     eprintln!("{broker:?}: commit-to-consumer latency p50 {p50:?}, max {max:?}");
     assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
     assert!(max < Duration::from_secs(2), "max {max:?}");
@@ -277,14 +278,16 @@ fn commits_outpacing_the_worker(broker: BrokerKind) {
     assert!(burst_batches <= 2 * expected, "{burst_batches} batches for {sent} messages in {writing:?}");
 
     // Lingering does not outlast the rate that called for it.
-    let (p50, max) = one_commit_at_a_time(&bootstrap, &mut db, &topic);
-    eprintln!("{broker:?}: after the burst, commit-to-consumer latency p50 {p50:?}, max {max:?}");
-    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}: a trickle waited out the linger");
+    let latencies = one_commit_at_a_time(&bootstrap, &mut db, &topic);
+    eprintln!("{broker:?}: after the burst, commit-to-consumer latencies {latencies:?}");
+    let waited = latencies.iter().filter(|&&l| l >= Duration::from_millis(200)).count();
+    // One slow round trip on a busy machine is not lingering; lingering would be most of them.
+    assert!(waited <= 1, "{waited} of {} single commits waited out the 200 ms linger", latencies.len());
 }
 
-/// Commits 20 single messages 50 ms apart, each timed from its commit until a consumer has it:
-/// the median and the worst.
-fn one_commit_at_a_time(bootstrap: &str, db: &mut postgres::Client, topic: &str) -> (Duration, Duration) {
+/// Commits 20 single messages 50 ms apart, each timed from its commit until a consumer has it;
+/// the times, shortest first.
+fn one_commit_at_a_time(bootstrap: &str, db: &mut postgres::Client, topic: &str) -> Vec<Duration> {
     let consumer = pg_outbox_tests::consumer(bootstrap);
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..3 {
@@ -307,5 +310,5 @@ fn one_commit_at_a_time(bootstrap: &str, db: &mut postgres::Client, topic: &str)
         std::thread::sleep(Duration::from_millis(50));
     }
     latencies.sort();
-    (latencies[latencies.len() / 2], latencies[latencies.len() - 1])
+    latencies
 }

@@ -234,7 +234,7 @@ fn settings_are_visible_and_changed_without_restarting_the_worker() {
         postgres::Client::connect(&c.dsn("shop").replace("user=postgres", "user=ops"), postgres::NoTls).unwrap();
     let err = ops.batch_execute("SHOW pg_outbox.kafka_properties").unwrap_err();
     assert_eq!(pg_outbox_tests::sqlstate(&err), "42501");
-    assert_eq!(ops.query("SELECT * FROM outbox.settings", &[]).unwrap().len(), 13);
+    assert_eq!(ops.query("SELECT * FROM outbox.settings", &[]).unwrap().len(), 14);
 }
 
 #[test]

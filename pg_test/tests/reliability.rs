@@ -24,8 +24,8 @@ fn kafka_killed_and_restarted() {
 }
 
 #[test]
-fn kafka_frozen_for_20_seconds() {
-    check(BrokerKind::Kafka, Fault::BrokerFrozen { seconds: 20 });
+fn kafka_frozen_for_15_seconds() {
+    check(BrokerKind::Kafka, Fault::BrokerFrozen { seconds: 15 });
 }
 
 #[test]

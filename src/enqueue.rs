@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 
 use pgrx::datum::DatumWithOid;
-use pgrx::fcinfo::{pg_arg_is_null, pg_getarg, pg_getarg_datum_raw};
+use pgrx::fcinfo::{pg_arg_is_null, pg_getarg_datum_raw};
 use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
-use pgrx::varlena::{set_varsize_4b, varsize_any, varsize_any_exhdr};
+use pgrx::varlena::{set_varsize_4b, varlena_to_byte_slice, varsize_any, varsize_any_exhdr};
 use pgrx::{JsonB, PgSqlErrorCode};
 
 use crate::api::{check_message, wake_on_commit};
@@ -77,8 +77,12 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
     let deliver_after = raw_arg(fcinfo, 4);
     let deliver_at = raw_arg(fcinfo, 5);
 
-    let topic: Option<&str> = pg_getarg(fcinfo, 0);
-    let header_values = headers.and_then(|d| JsonB::from_datum(d, false));
+    // As UTF-8, whatever the database encoding: a topic that is not valid UTF-8 here (a non-ASCII
+    // one in a LATIN1 database) is refused by the topic check, and headers are checked as the
+    // JSON text Kafka will receive.
+    let topic = topic_datum.map(|d| String::from_utf8_lossy(text_bytes(d)).into_owned());
+    let header_values = headers
+        .map(|d| JsonB(serde_json::from_slice(varlena_to_byte_slice(json_text(d))).unwrap_or(serde_json::Value::Null)));
     let json_text = match kind {
         PayloadKind::Json => payload.map(|d| json_text(d)),
         PayloadKind::Bytes => None,
@@ -87,7 +91,7 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
         PayloadKind::Json => json_text.map(|t| varsize_any_exhdr(t)),
         PayloadKind::Bytes => payload.map(|d| (pg_sys::toast_raw_datum_size(d) - pg_sys::VARHDRSZ) as usize),
     };
-    check_message(topic, header_values, payload_bytes.map(|len| i32::try_from(len).unwrap_or(i32::MAX)));
+    check_message(topic.as_deref(), header_values, payload_bytes.map(|len| i32::try_from(len).unwrap_or(i32::MAX)));
 
     let (json, bytes) = match kind {
         PayloadKind::Json => (payload, None),
@@ -136,6 +140,11 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
     };
     wake_on_commit();
     pg_sys::Datum::from(id)
+}
+
+/// A text argument's bytes, in the database encoding.
+unsafe fn text_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    varlena_to_byte_slice(pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr()))
 }
 
 /// A JSON payload as the UTF-8 text Kafka receives, as a bytea: jsonb's own text form, written

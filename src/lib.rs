@@ -8,6 +8,7 @@ mod api;
 mod enqueue;
 mod guc;
 mod launcher;
+mod message_reader;
 mod shmem;
 mod store;
 mod worker;

@@ -7,9 +7,11 @@ use std::ffi::CString;
 
 use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
-use pg_outbox_bgworker::{flush_before_sending, parse_headers, OutboundMessage, TopicCount};
+use pg_outbox_bgworker::{flush_before_sending, OutboundMessage, TopicCount};
+
+use crate::message_reader;
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
@@ -210,45 +212,6 @@ pub struct Destination {
     pub kafka_properties: Option<String>,
 }
 
-/// The columns message_from_row reads from outbox.messages (`held` false) or held_messages.
-/// A JSON payload is sent as UTF-8 text: enqueue_message stores it so (json_text); a row
-/// written before 0.4.0, a delayed one and a held one have jsonb, rendered here. In a UTF-8
-/// database that text already is UTF-8, and read as text it skips convert_to's check and copy.
-fn message_columns(held: bool) -> &'static str {
-    match (held, database_is_utf8()) {
-        (false, true) => "id, topic, key, coalesce(payload, json_text), json_payload::text, headers::text",
-        (false, false) => {
-            "id, topic, key, coalesce(payload, json_text), convert_to(json_payload::text, 'UTF8'), headers::text"
-        }
-        (true, true) => "id, topic, key, payload, json_payload::text, headers::text",
-        (true, false) => "id, topic, key, payload, convert_to(json_payload::text, 'UTF8'), headers::text",
-    }
-}
-
-fn database_is_utf8() -> bool {
-    unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
-}
-
-fn message_from_row(row: &SpiHeapTupleData, attempts: i32, held: bool) -> SpiResult<OutboundMessage> {
-    let payload = match row.get::<Vec<u8>>(4)? {
-        Some(bytes) => Some(bytes),
-        None if database_is_utf8() => row.get::<String>(5)?.map(String::into_bytes),
-        None => row.get::<Vec<u8>>(5)?,
-    };
-    let headers: Option<String> = row.get(6)?;
-    Ok(OutboundMessage {
-        id: row.get(1)?.unwrap_or_default(),
-        topic: row.get(2)?.unwrap_or_default(),
-        key: row.get(3)?,
-        payload,
-        // enqueue_message validated them; a row written by hand with bad headers loses them
-        // rather than stalling delivery.
-        headers: parse_headers(headers.as_deref()).unwrap_or_default(),
-        attempts,
-        held,
-    })
-}
-
 /// Where a window being forwarded goes on: its snapshot and the last id already taken from it.
 pub struct WindowPosition {
     pub window: String,
@@ -272,7 +235,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                 return Ok(Work::OutdatedExtension(version));
             }
             let mut batch = Batch::default();
-            let columns = message_columns(false);
+            let columns = message_reader::columns(false);
             // Everything a cycle needs to know besides the messages, in one statement.
             let names = ["read_state", "read_state_scan"];
             prepare_on_state_row(
@@ -318,12 +281,6 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
             // last batch ended, through the id index (a backlog is mostly window rows in id order).
             let args =
                 [last_id.into(), done_xmax.into(), done_xip.into(), batch.window.clone().into(), batch_size.into()];
-            let mut push = |rows: pgrx::spi::SpiTupleTable| -> SpiResult<()> {
-                for row in rows {
-                    batch.fresh.push(message_from_row(&row, 0, false)?);
-                }
-                Ok(())
-            };
             let (name, sql) = if new_window {
                 // Every idle cycle runs this one: planned once (a generic plan; see the worker's
                 // planner settings), it costs microseconds instead of a planning of four
@@ -357,19 +314,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                     ),
                 )
             };
-            prepare_once(
-                client,
-                name,
-                &sql,
-                &[
-                    oid(PgBuiltInOids::INT8OID),
-                    oid(PgBuiltInOids::TEXTOID),
-                    oid(PgBuiltInOids::TEXTARRAYOID),
-                    oid(PgBuiltInOids::TEXTOID),
-                    oid(PgBuiltInOids::INT8OID),
-                ],
-            )?;
-            run_plan(name, |plan| push(client.select(plan, None, &args)?))?;
+            batch.fresh = message_reader::select_messages(name, &sql, &args, false);
             batch.window_continues = batch.fresh.len() as i64 >= batch_size;
             // A continued window that turns out empty (its row count was a multiple of the batch
             // size) must still be closed, or the watermark never moves past it.
@@ -408,19 +353,24 @@ fn read_destinations(client: &SpiClient, batch: &mut Batch) -> SpiResult<()> {
 const IN_LINE: &str = "NOT (h.delayed AND h.attempts = 0 AND h.next_attempt_at > now())";
 
 fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
-    let columns = message_columns(true);
+    let columns = message_reader::columns(true);
+    // As UTF-8 bytes, like the messages' own topics and keys (see message_reader).
     for row in client.select(
-        &format!("SELECT DISTINCT topic, key FROM outbox.held_messages h WHERE key IS NOT NULL AND {IN_LINE}"),
+        &format!(
+            "SELECT DISTINCT convert_to(topic, 'UTF8'), convert_to(key, 'UTF8') FROM outbox.held_messages h
+             WHERE key IS NOT NULL AND {IN_LINE}"
+        ),
         None,
         &[],
     )? {
-        if let (Some(t), Some(k)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
-            batch.blocked_keys.insert((t, k));
+        if let (Some(t), Some(k)) = (row.get::<Vec<u8>>(1)?, row.get::<Vec<u8>>(2)?) {
+            batch.blocked_keys.insert((message_reader::utf8(t), message_reader::utf8(k)));
         }
     }
     // The head of each key (messages without a key are each their own line), if it is due and
     // its topic is not paused.
-    let heads = client.select(
+    let heads = message_reader::select_messages(
+        "read_held_heads",
         &format!(
             "SELECT {columns}, attempts FROM (
                  SELECT DISTINCT ON (h.topic, h.key, CASE WHEN h.key IS NULL THEN h.seq END) h.*
@@ -432,13 +382,10 @@ fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResul
              WHERE next_attempt_at <= now()
              ORDER BY seq LIMIT $1"
         ),
-        None,
         &[batch_size.into()],
-    )?;
-    for row in heads {
-        let attempts: i32 = row.get(7)?.unwrap_or(0);
-        batch.retries.push(message_from_row(&row, attempts, true)?);
-    }
+        true,
+    );
+    batch.retries.extend(heads);
     batch.next_due_in = client
         .select(
             "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8 FROM outbox.held_messages h

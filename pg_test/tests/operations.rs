@@ -180,7 +180,7 @@ fn each_database_has_its_own_worker_and_row_in_worker_status() {
 }
 
 #[test]
-fn json_payloads_arrive_as_utf8_text_whatever_the_database_encoding() {
+fn payloads_keys_and_headers_arrive_as_utf8_whatever_the_database_encoding() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     // "latin" is created below, with its own encoding; the launcher starts its worker then.
     let c = Cluster::start(&bootstrap, "pg_outbox.database = 'shop,latin'");
@@ -194,18 +194,35 @@ fn json_payloads_arrive_as_utf8_text_whatever_the_database_encoding() {
         // A non-ASCII character and a backslash: neither may be re-encoded or unescaped.
         client
             .execute(
-                r#"SELECT outbox.enqueue_message($1, '{"db": "x", "name": "café", "path": "C:\\dir"}'::jsonb || jsonb_build_object('db', $2::text), key => $2)"#,
+                r#"SELECT outbox.enqueue_message($1, '{"db": "x", "name": "café", "path": "C:\\dir"}'::jsonb || jsonb_build_object('db', $2::text),
+                                                 key => 'clé-' || $2, headers => jsonb_build_object('origine', 'crème ' || $2))"#,
+                &[&topic, &db],
+            )
+            .unwrap();
+        // A delayed message waits in held_messages, its key holding back the key's line.
+        client
+            .execute(
+                r#"SELECT outbox.enqueue_message($1, jsonb_build_object('db', $2::text, 'name', 'déjà', 'delayed', true),
+                                                 key => 'clé-' || $2, headers => jsonb_build_object('origine', 'crème ' || $2),
+                                                 deliver_after => '1 second')"#,
                 &[&topic, &db],
             )
             .unwrap();
     }
-    let mut got = payloads(&read_topic(&bootstrap, &topic, 2, WAIT));
-    got.sort();
+    let mut records = read_topic(&bootstrap, &topic, 4, WAIT);
+    records.sort_by_key(|r| (r.key.clone(), r.offset));
+    let got: Vec<(Option<String>, Option<&String>)> =
+        records.iter().map(|r| (r.key.clone(), r.headers.get("origine"))).collect();
+    let latin = (Some("clé-latin".to_string()), Some(&"crème latin".to_string()));
+    let shop = (Some("clé-shop".to_string()), Some(&"crème shop".to_string()));
+    assert_eq!(got, vec![latin.clone(), latin, shop.clone(), shop]);
     assert_eq!(
-        got,
+        payloads(&records),
         vec![
             r#"{"db": "latin", "name": "café", "path": "C:\\dir"}"#,
+            r#"{"db": "latin", "name": "déjà", "delayed": true}"#,
             r#"{"db": "shop", "name": "café", "path": "C:\\dir"}"#,
+            r#"{"db": "shop", "name": "déjà", "delayed": true}"#,
         ]
     );
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pg_outbox_tests::{consumer, create_topics, BrokerKind, Cluster, PrivateBroker};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -211,11 +211,18 @@ impl Bench {
         let n = env_usize("BENCH_DRAIN_MESSAGES", 1_000_000);
         let bootstrap = self.broker.bootstrap();
         let timeout = Duration::from_secs(3600);
-        step(&format!("drain: raw rdkafka producer, {n} messages of 300 bytes over 16 keys"));
-        raw_produce(&bootstrap, "bench.raw", n);
+        step(&format!(
+            "drain: raw rdkafka producer, {n} messages of 300 bytes over 16 keys, each with a message id header"
+        ));
+        raw_produce(&bootstrap, "bench.raw", n, true);
         let raw = wait_for_topic(&bootstrap, "bench.raw", n as i64, timeout).rate();
         self.results.insert("raw_broker_msgs_per_s".into(), raw);
         println!("    {raw:.0} msg/s");
+        step(&format!("drain: raw rdkafka producer, the same {n} messages without the header"));
+        raw_produce(&bootstrap, "bench.raw_headerless", n, false);
+        let headerless = wait_for_topic(&bootstrap, "bench.raw_headerless", n as i64, timeout).rate();
+        self.results.insert("raw_broker_headerless_msgs_per_s".into(), headerless);
+        println!("    {headerless:.0} msg/s");
 
         step(&format!("drain: pg_outbox, {n} pending messages (broker stopped while they are enqueued)"));
         self.broker.stop();
@@ -245,6 +252,7 @@ impl Bench {
         println!("    {relay_rate:.0} msg/s");
         self.results.insert("relay_msgs_per_s".into(), relay_rate);
         self.results.insert("drain_vs_raw".into(), ours / raw);
+        self.results.insert("drain_vs_raw_headerless".into(), ours / headerless);
         self.results.insert("drain_vs_relay".into(), ours / relay_rate);
     }
 
@@ -603,14 +611,26 @@ fn producer_config(bootstrap: &str) -> ClientConfig {
     c
 }
 
+/// The header pg_outbox puts on every record, with an id of the same shape (`<system id>-<database
+/// oid>-<id>`). The raw producer and the relay send it too, so that all three deliver the same
+/// records: any at-least-once relay's consumers need an id to drop redeliveries by.
+fn message_id_header(id: u64) -> OwnedHeaders {
+    let value = format!("7441234567890123456-16384-{id}");
+    OwnedHeaders::new_with_capacity(1).insert(Header { key: "pg_outbox_message_id", value: Some(value.as_bytes()) })
+}
+
 /// The broker's limit: a standalone rdkafka producer with pg_outbox's settings, as fast as it goes.
-fn raw_produce(bootstrap: &str, topic: &str, n: usize) {
+/// Without `with_header` it sends lighter records than pg_outbox does (shown for reference).
+fn raw_produce(bootstrap: &str, topic: &str, n: usize, with_header: bool) {
     let acks = Arc::new(Acks { count: AtomicU64::new(0), errors: AtomicU64::new(0) });
     let producer: ThreadedProducer<AckCounter> =
         producer_config(bootstrap).create_with_context(AckCounter(acks.clone())).expect("raw producer");
     for i in 0..n as u64 {
         let (key, body) = ((i % 16).to_string(), payload(i));
         let mut record = BaseRecord::to(topic).key(&key).payload(&body);
+        if with_header {
+            record = record.headers(message_id_header(i + 1));
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -663,7 +683,10 @@ impl Relay {
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {
             let (id, key, body): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
-            let record = rdkafka::producer::FutureRecord::to(&self.topic).key(&key).payload(&body);
+            let record = rdkafka::producer::FutureRecord::to(&self.topic)
+                .key(&key)
+                .payload(&body)
+                .headers(message_id_header(id as u64));
             futures.push(self.producer.send_result(record).map_err(|(e, _)| e).expect("relay send"));
             ids.push(id);
         }
@@ -803,6 +826,7 @@ fn main() {
         &broker.bootstrap(),
         &[
             "bench.raw",
+            "bench.raw_headerless",
             "bench.drain",
             "bench.relay",
             "bench.latency",
@@ -910,7 +934,7 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
     let env: Vec<String> =
         std::env::vars().filter(|(k, _)| k.starts_with("BENCH_")).map(|(k, v)| format!("`{k}={v}`")).collect();
     md.push_str(&format!(
-        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, `pg_outbox.linger` at its default (5 ms).\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains).\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`).\n",
+        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, `pg_outbox.linger` at its default (5 ms).\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains). Every forwarder delivers the same records: pg_outbox puts a `pg_outbox_message_id` header on each (the id consumers drop redeliveries by), Debezium's Outbox Event Router an `id` header, and the raw producer and the relay send a `pg_outbox_message_id` header of the same shape. `raw_broker_headerless_msgs_per_s` is the raw producer without it, lighter records than any of the forwarders send (`drain_vs_raw_headerless`, for reference).\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`).\n",
         sections.join(", "),
         if env.is_empty() { "defaults".to_string() } else { env.join(", ") },
         bench.batch_size

@@ -30,7 +30,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
-fn invalid(code: PgSqlErrorCode, message: String) -> ! {
+pub(crate) fn invalid(code: PgSqlErrorCode, message: String) -> ! {
     ereport!(ERROR, code, message);
 }
 

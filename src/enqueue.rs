@@ -19,7 +19,7 @@ use pgrx::spi::OwnedPreparedStatement;
 use pgrx::varlena::{set_varsize_4b, varlena_to_byte_slice, varsize_any, varsize_any_exhdr};
 use pgrx::{JsonB, PgSqlErrorCode};
 
-use crate::api::{check_message, wake_on_commit};
+use crate::api::{check_message, invalid, wake_on_commit};
 use crate::shmem;
 use crate::store::{extension_version, SQL_VERSION};
 
@@ -81,8 +81,10 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
     // one in a LATIN1 database) is refused by the topic check, and headers are checked as the
     // JSON text Kafka will receive.
     let topic = topic_datum.map(|d| String::from_utf8_lossy(text_bytes(d)).into_owned());
-    let header_values = headers
-        .map(|d| JsonB(serde_json::from_slice(varlena_to_byte_slice(json_text(d))).unwrap_or(serde_json::Value::Null)));
+    let header_values = headers.map(|d| match serde_json::from_slice(varlena_to_byte_slice(json_text(d))) {
+        Ok(value) => JsonB(value),
+        Err(e) => invalid(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("headers cannot be read: {e}")),
+    });
     let json_text = match kind {
         PayloadKind::Json => payload.map(|d| json_text(d)),
         PayloadKind::Bytes => None,

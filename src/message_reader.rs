@@ -24,13 +24,22 @@ const HEADERS: usize = 5;
 /// Held messages only: failed attempts so far.
 const ATTEMPTS: usize = 6;
 
+/// An SQL expression for the bytes of text `expr` as UTF-8 (a bytea), for `utf8` to read. In a
+/// SQL_ASCII database the bytes are taken as they are: converting them would fail on the first
+/// byte sequence that is not UTF-8 (SQL_ASCII checks nothing on input), every time the worker
+/// read that row.
+pub fn utf8_bytes(expr: &str) -> String {
+    let sql_ascii = unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_SQL_ASCII as i32 };
+    format!("convert_to({expr}, '{}')", if sql_ascii { "SQL_ASCII" } else { "UTF8" })
+}
+
 /// The select list for messages of outbox.messages (`held` false) or outbox.held_messages (then
 /// followed by `attempts`). A JSON payload is sent as UTF-8 text: enqueue_message stores it so
 /// (json_text); a row written before 0.4.0, a delayed one and a held one have jsonb, rendered
 /// here. In a UTF-8 database text already is UTF-8; in any other, the SQL converts it.
 pub fn columns(held: bool) -> String {
     let utf8 = unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 };
-    let text = |expr: &str| if utf8 { expr.to_string() } else { format!("convert_to({expr}, 'UTF8')") };
+    let text = |expr: &str| if utf8 { expr.to_string() } else { utf8_bytes(expr) };
     let payload = if held { "payload" } else { "coalesce(payload, json_text)" };
     format!(
         "id, {}, {}, {payload}, {}, {}",
@@ -63,6 +72,8 @@ pub fn select_messages(name: &'static str, sql: &str, args: &[DatumWithOid], hel
         messages: Vec::new(),
         held,
     };
+    // The callbacks reach the whole receiver through the pointer to its first field.
+    let receiver_ptr: *mut MessageReceiver = &raw mut receiver;
     unsafe {
         let params = pg_sys::makeParamList(args.len() as i32);
         (*params).numParams = args.len() as i32;
@@ -73,7 +84,7 @@ pub fn select_messages(name: &'static str, sql: &str, args: &[DatumWithOid], hel
             param.ptype = arg.oid();
         }
         let options =
-            pg_sys::SPIExecuteOptions { params, read_only: true, dest: &mut receiver.dest, ..Default::default() };
+            pg_sys::SPIExecuteOptions { params, read_only: true, dest: receiver_ptr.cast(), ..Default::default() };
         let status = pg_sys::SPI_execute_plan_extended(plan as pg_sys::SPIPlanPtr, &options);
         if status != pg_sys::SPI_OK_SELECT as i32 {
             error!("pg_outbox worker could not read messages: SPI status {status}");

@@ -357,8 +357,9 @@ fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResul
     // As UTF-8 bytes, like the messages' own topics and keys (see message_reader).
     for row in client.select(
         &format!(
-            "SELECT DISTINCT convert_to(topic, 'UTF8'), convert_to(key, 'UTF8') FROM outbox.held_messages h
-             WHERE key IS NOT NULL AND {IN_LINE}"
+            "SELECT DISTINCT {}, {} FROM outbox.held_messages h WHERE key IS NOT NULL AND {IN_LINE}",
+            message_reader::utf8_bytes("topic"),
+            message_reader::utf8_bytes("key")
         ),
         None,
         &[],

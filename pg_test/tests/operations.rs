@@ -182,13 +182,19 @@ fn each_database_has_its_own_worker_and_row_in_worker_status() {
 #[test]
 fn payloads_keys_and_headers_arrive_as_utf8_whatever_the_database_encoding() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
-    // "latin" is created below, with its own encoding; the launcher starts its worker then.
-    let c = Cluster::start(&bootstrap, "pg_outbox.database = 'shop,latin'");
-    c.client()
-        .batch_execute("CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
-        .unwrap();
+    // "latin" and "ascii" are created below, with their own encodings; the launcher starts their
+    // workers then.
+    let c = Cluster::start(&bootstrap, "pg_outbox.database = 'shop,latin,ascii'");
+    for (db, encoding) in [("latin", "LATIN1"), ("ascii", "SQL_ASCII")] {
+        c.client()
+            .batch_execute(&format!(
+                "CREATE DATABASE {db} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+            ))
+            .unwrap();
+    }
     let topic = unique("encodings");
-    for db in ["shop", "latin"] {
+    let dbs = ["ascii", "latin", "shop"];
+    for db in dbs {
         let mut client = c.client_for(db);
         client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_outbox").unwrap();
         // A non-ASCII character and a backslash: neither may be re-encoded or unescaped.
@@ -209,22 +215,34 @@ fn payloads_keys_and_headers_arrive_as_utf8_whatever_the_database_encoding() {
             )
             .unwrap();
     }
-    let mut records = read_topic(&bootstrap, &topic, 4, WAIT);
+    // SQL_ASCII stores any bytes: a key that is not UTF-8 arrives with the bad byte replaced,
+    // rather than stopping the worker on it.
+    c.client_for("ascii")
+        .execute(
+            r#"SELECT outbox.enqueue_message($1, '{"raw": true}'::jsonb, key => convert_from('\x6bff'::bytea, 'SQL_ASCII'))"#,
+            &[&topic],
+        )
+        .unwrap();
+    let mut records = read_topic(&bootstrap, &topic, 7, WAIT);
     records.sort_by_key(|r| (r.key.clone(), r.offset));
-    let got: Vec<(Option<String>, Option<&String>)> =
-        records.iter().map(|r| (r.key.clone(), r.headers.get("origine"))).collect();
-    let latin = (Some("clé-latin".to_string()), Some(&"crème latin".to_string()));
-    let shop = (Some("clé-shop".to_string()), Some(&"crème shop".to_string()));
-    assert_eq!(got, vec![latin.clone(), latin, shop.clone(), shop]);
-    assert_eq!(
-        payloads(&records),
-        vec![
-            r#"{"db": "latin", "name": "café", "path": "C:\\dir"}"#,
-            r#"{"db": "latin", "name": "déjà", "delayed": true}"#,
-            r#"{"db": "shop", "name": "café", "path": "C:\\dir"}"#,
-            r#"{"db": "shop", "name": "déjà", "delayed": true}"#,
-        ]
-    );
+    let got: Vec<(String, Option<String>, String)> = records
+        .iter()
+        .map(|r| {
+            let payload = String::from_utf8_lossy(r.payload.as_deref().unwrap_or_default()).into_owned();
+            (r.key.clone().unwrap_or_default(), r.headers.get("origine").cloned(), payload)
+        })
+        .collect();
+    let mut expected = Vec::new();
+    for db in dbs {
+        for payload in [
+            format!(r#"{{"db": "{db}", "name": "café", "path": "C:\\dir"}}"#),
+            format!(r#"{{"db": "{db}", "name": "déjà", "delayed": true}}"#),
+        ] {
+            expected.push((format!("clé-{db}"), Some(format!("crème {db}")), payload));
+        }
+    }
+    expected.push(("k\u{fffd}".to_string(), None, r#"{"raw": true}"#.to_string()));
+    assert_eq!(got, expected);
 }
 
 #[test]

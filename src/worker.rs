@@ -175,17 +175,20 @@ impl Worker {
     ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
         let (sysid, dboid) = (self.system_identifier, self.database_oid);
         let message_id = move |id: i64| global_message_id(sysid, dboid, id);
-        if !self.sinks.contains_key(&config) {
-            let sink = KafkaSink::new(config.clone()).map_err(BatchError::Unavailable)?;
-            self.sinks.insert(config.clone(), sink);
-        }
-        let sink = self.sinks.get_mut(&config).ok_or_else(|| BatchError::Unavailable("no producer".into()))?;
+        // Out of the map while in use, so that an outage heard during the wait can be recorded.
+        let mut sink = match self.sinks.remove(&config) {
+            Some(sink) => sink,
+            None => KafkaSink::new(config.clone()).map_err(BatchError::Unavailable)?,
+        };
         if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
             sink.inject_fatal_error();
         }
-        let in_flight = sink.produce_batch(messages, &message_id, &stop_requested)?;
-        meanwhile();
-        sink.wait_batch(in_flight, &stop_requested)
+        let reports = sink.produce_batch(messages, &message_id, &stop_requested).and_then(|in_flight| {
+            meanwhile();
+            sink.wait_batch(in_flight, &stop_requested, &mut |reason| self.broker_unavailable(reason))
+        });
+        self.sinks.insert(config, sink);
+        reports
     }
 
     fn maybe_rotate(&mut self) {

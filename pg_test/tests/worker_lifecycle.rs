@@ -86,16 +86,7 @@ fn a_broker_unreachable_at_start_gets_everything_once_it_is_up() {
         Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
     let topic = unique("late-broker");
     enqueue_numbers(&c, &topic, 0..20);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let state: Option<String> =
-            c.client().query_opt("SELECT broker_state FROM outbox.worker_status", &[]).unwrap().map(|r| r.get(0));
-        if state.as_deref() == Some("unavailable") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "worker_status never said the broker is unavailable");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_broker_state(&c, "unavailable", WAIT);
     std::thread::sleep(Duration::from_secs(3));
     broker.resume();
     assert_eq!(payloads(&read_topic(&broker.bootstrap(), &topic, 20, Duration::from_secs(60))), numbers(0..20));
@@ -115,7 +106,8 @@ fn a_broker_restart_mid_flow_loses_nothing_and_keeps_key_order() {
     assert_eq!(read_topic(&broker.bootstrap(), &topic, 50, WAIT).len(), 50);
     broker.stop();
     enqueue_numbers(&c, &topic, 50..100);
-    std::thread::sleep(Duration::from_secs(2));
+    // The outage shows while the messages wait, long before the producer's 120 s message timeout.
+    wait_for_broker_state(&c, "unavailable", Duration::from_secs(20));
     broker.resume();
     let records = read_topic(&broker.bootstrap(), &topic, 100, Duration::from_secs(90));
     // At least once: a batch in flight when the broker went away may appear twice, in order.
@@ -136,6 +128,10 @@ fn a_broker_restart_mid_flow_loses_nothing_and_keeps_key_order() {
         firsts
     };
     assert_eq!(first_seen, (0..100).collect::<Vec<_>>(), "first deliveries in commit order");
+    assert!(c.wait_until_drained(WAIT));
+    let log = c.log();
+    assert_eq!(log.matches("Kafka is unavailable").count(), 1, "the outage is logged once:\n{log}");
+    assert_eq!(log.matches("Kafka is reachable again").count(), 1);
 }
 
 #[test]
@@ -250,4 +246,17 @@ fn a_hot_standby_forwards_nothing_until_it_is_promoted() {
     standby.promote();
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 5, WAIT)), numbers(0..5));
     assert!(standby.worker_pid(WAIT).is_some());
+}
+
+fn wait_for_broker_state(c: &Cluster, wanted: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let state: Option<String> =
+            c.client().query_opt("SELECT broker_state FROM outbox.worker_status", &[]).unwrap().map(|r| r.get(0));
+        if state.as_deref() == Some(wanted) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "worker_status never said the broker is {wanted} within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

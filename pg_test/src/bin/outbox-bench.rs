@@ -607,7 +607,7 @@ fn producer_config(bootstrap: &str) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "1")
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "120000");
     c
 }
 

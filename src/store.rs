@@ -153,8 +153,10 @@ pub fn extension_version(client: &SpiClient) -> SpiResult<String> {
 /// True while another session waits to drop (or rename) this database: DROP DATABASE holds an
 /// AccessExclusiveLock on the database object while it waits for the database's backends to
 /// leave, so a worker that cannot take the weak lock every backend takes at connection time must
-/// leave now, or DROP DATABASE fails with "being accessed by other users".
-fn database_drop_pending() -> bool {
+/// leave now, or DROP DATABASE fails with "being accessed by other users". A session lock, taken
+/// and released at once: it is also asked outside any transaction, while a batch waits for the
+/// broker.
+pub fn database_drop_pending() -> bool {
     unsafe {
         let tag = pg_sys::LOCKTAG {
             locktag_field1: 0,
@@ -165,11 +167,11 @@ fn database_drop_pending() -> bool {
             locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
         };
         let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        let got = pg_sys::LockAcquire(&tag, mode, false, true);
+        let got = pg_sys::LockAcquire(&tag, mode, true, true);
         if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
             return true;
         }
-        pg_sys::LockRelease(&tag, mode, false);
+        pg_sys::LockRelease(&tag, mode, true);
         false
     }
 }

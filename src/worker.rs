@@ -47,6 +47,12 @@ fn stop_requested() -> bool {
     BackgroundWorker::sigterm_received()
 }
 
+/// While a batch waits for the broker (up to the message timeout when it is down), the worker
+/// also leaves for a DROP DATABASE, which would otherwise fail after its 5 s wait.
+fn stop_or_drop_requested() -> bool {
+    stop_requested() || store::database_drop_pending()
+}
+
 struct Worker {
     slot: usize,
     database_oid: u32,
@@ -82,13 +88,20 @@ impl Worker {
         }
     }
 
+    /// A failed attempt: counts towards the reconnect backoff.
     fn broker_unavailable(&mut self, error: &str) {
+        self.reconnect_failures += 1;
+        self.report_outage(error);
+    }
+
+    /// Says the broker is unavailable (logged once per outage) without counting an attempt: a
+    /// batch still waiting for its acknowledgements is not a failed one yet.
+    fn report_outage(&mut self, error: &str) {
         if self.broker != BrokerState::Unavailable {
             log!("pg_outbox: Kafka is unavailable, messages wait in the outbox and will be retried: {error}");
             self.unavailable_since = Some(Instant::now());
         }
         self.broker = BrokerState::Unavailable;
-        self.reconnect_failures += 1;
         shmem::update(self.slot, |s| {
             s.broker = BrokerState::Unavailable;
             s.set_last_error(error);
@@ -183,9 +196,9 @@ impl Worker {
         if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
             sink.inject_fatal_error();
         }
-        let reports = sink.produce_batch(messages, &message_id, &stop_requested).and_then(|in_flight| {
+        let reports = sink.produce_batch(messages, &message_id, &stop_or_drop_requested).and_then(|in_flight| {
             meanwhile();
-            sink.wait_batch(in_flight, &stop_requested, &mut |reason| self.broker_unavailable(reason))
+            sink.wait_batch(in_flight, &stop_or_drop_requested, &mut |reason| self.report_outage(reason))
         });
         self.sinks.insert(config, sink);
         reports
@@ -302,7 +315,12 @@ impl Worker {
             shmem::update(self.slot, |s| s.in_flight = 0);
             match sent {
                 Ok(reports) => reports,
-                Err(BatchError::Interrupted) => return Next::Exit,
+                Err(BatchError::Interrupted) => {
+                    if !stop_requested() {
+                        log!("pg_outbox: database is being dropped or renamed, worker exits");
+                    }
+                    return Next::Exit;
+                }
                 Err(BatchError::Unavailable(e)) => {
                     self.broker_unavailable(&e);
                     return Next::Sleep(self.reconnect_delay());

@@ -13,5 +13,5 @@ pub mod sink;
 pub use counters::{TopicCount, TopicCounters};
 pub use message::{parse_headers, OutboundMessage};
 pub use plan::{plan_batch, Plan};
-pub use policy::{flush_before_sending, Backoff, BatchOutcome, Coalescing, SendFailure};
+pub use policy::{flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, SendFailure};
 pub use sink::{parse_properties, BatchError, KafkaSink, SinkConfig};

@@ -184,9 +184,94 @@ impl Default for Coalescing {
     }
 }
 
+/// Decides, while a batch waits for its acknowledgements, when the broker is to be called
+/// unavailable (once per wait): at once when librdkafka reports every broker lost during the wait;
+/// for a loss reported before it (perhaps long over, as nothing was sent since), once the wait has
+/// gone `STALE_LOSS` without a report; and for a broker that takes requests but answers none (a
+/// frozen or black-holed one, which librdkafka calls lost only after its 60 s socket timeout),
+/// after `SILENCE` without a report. The message timeout is far longer: it decides when a batch
+/// is resent, this only what `worker_status` says meanwhile.
+pub struct OutageWatch {
+    started: Instant,
+    last_report: Instant,
+    reports: usize,
+    reported: bool,
+}
+
+/// Why a waiting batch made the broker unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    BrokersLost,
+    Silent(Duration),
+}
+
+impl OutageWatch {
+    pub const STALE_LOSS: Duration = Duration::from_secs(2);
+    pub const SILENCE: Duration = Duration::from_secs(10);
+
+    pub fn new(now: Instant) -> OutageWatch {
+        OutageWatch { started: now, last_report: now, reports: 0, reported: false }
+    }
+
+    /// `reports`: delivery reports of the batch so far; `lost_at`: when librdkafka last reported
+    /// every broker lost, if no message was acknowledged since.
+    pub fn check(&mut self, now: Instant, reports: usize, lost_at: Option<Instant>) -> Option<Outage> {
+        if reports != self.reports {
+            self.reports = reports;
+            self.last_report = now;
+        }
+        if self.reported {
+            return None;
+        }
+        let quiet = now.saturating_duration_since(self.last_report);
+        let outage = match lost_at {
+            Some(at) if at >= self.started || quiet >= Self::STALE_LOSS => Some(Outage::BrokersLost),
+            _ if quiet >= Self::SILENCE => Some(Outage::Silent(quiet)),
+            _ => None,
+        };
+        self.reported = outage.is_some();
+        outage
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brokers_lost_during_the_wait_are_reported_at_once_and_only_once() {
+        let start = Instant::now();
+        let mut watch = OutageWatch::new(start);
+        assert_eq!(watch.check(start + Duration::from_millis(100), 0, None), None);
+        let lost = start + Duration::from_millis(150);
+        assert_eq!(watch.check(start + Duration::from_millis(200), 0, Some(lost)), Some(Outage::BrokersLost));
+        assert_eq!(watch.check(start + Duration::from_secs(30), 0, Some(lost)), None);
+    }
+
+    #[test]
+    fn a_loss_reported_before_the_wait_counts_only_if_nothing_is_acknowledged_soon() {
+        let start = Instant::now();
+        let long_ago = start.checked_sub(Duration::from_secs(600)).unwrap_or(start);
+        let mut acknowledged = OutageWatch::new(start);
+        assert_eq!(acknowledged.check(start + Duration::from_millis(100), 0, Some(long_ago)), None);
+        assert_eq!(acknowledged.check(start + Duration::from_millis(200), 0, None), None);
+        let mut still_down = OutageWatch::new(start);
+        assert_eq!(still_down.check(start + Duration::from_secs(1), 0, Some(long_ago)), None);
+        assert_eq!(still_down.check(start + OutageWatch::STALE_LOSS, 0, Some(long_ago)), Some(Outage::BrokersLost));
+    }
+
+    #[test]
+    fn a_broker_that_answers_nothing_is_unavailable_after_the_silence_but_a_slow_one_is_not() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut frozen = OutageWatch::new(start);
+        assert_eq!(frozen.check(at(9), 0, None), None);
+        assert_eq!(frozen.check(at(10), 0, None), Some(Outage::Silent(Duration::from_secs(10))));
+        let mut slow = OutageWatch::new(start);
+        for s in 1..=30 {
+            assert_eq!(slow.check(at(s), s as usize * 10, None), None, "reports keep coming at {s} s");
+        }
+    }
 
     #[test]
     fn broker_outages_are_retried_without_counting_attempts() {

@@ -2,7 +2,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -12,7 +12,7 @@ use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProdu
 use rdkafka_sys::{rd_kafka_vtype_t as vtype, rd_kafka_vu_s__bindgen_ty_1 as VuValue, rd_kafka_vu_t};
 
 use crate::message::MESSAGE_ID_HEADER;
-use crate::{OutboundMessage, SendFailure};
+use crate::{Outage, OutageWatch, OutboundMessage, SendFailure};
 
 /// Everything the sink needs to know to talk to one Kafka cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -124,9 +124,10 @@ pub struct Reports(Mutex<Filed>);
 struct Filed {
     batch: u32,
     reports: Vec<Option<Result<(), SendFailure>>>,
-    /// librdkafka's word that it has lost every broker, until a message is acknowledged again:
-    /// the worker learns of an outage from it while messages wait, not a message timeout later.
-    brokers_down: Option<String>,
+    /// librdkafka's word that it has lost every broker, and when, until a message is
+    /// acknowledged again: the worker learns of an outage from it while messages wait, not a
+    /// message timeout later.
+    brokers_down: Option<(String, Instant)>,
 }
 
 const POSITION_BITS: u32 = 32;
@@ -160,7 +161,7 @@ impl Reports {
 impl ClientContext for Reports {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.filed().brokers_down = Some(reason.to_string());
+            self.filed().brokers_down = Some((reason.to_string(), Instant::now()));
         }
     }
 }
@@ -324,14 +325,14 @@ impl KafkaSink {
     }
 
     /// Waits for every delivery report of a produced batch; one report per message, in order.
-    /// `brokers_down` hears, while it waits, that librdkafka has lost every broker.
+    /// `outage` hears, once, if the broker looks unavailable meanwhile (`OutageWatch`).
     pub fn wait_batch(
         &mut self,
         in_flight: InFlight,
         should_stop: &dyn Fn() -> bool,
-        brokers_down: &mut dyn FnMut(&str),
+        outage: &mut dyn FnMut(&str),
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
-        self.flush(should_stop, brokers_down)?;
+        self.flush(should_stop, outage)?;
         // A message counts as in librdkafka's queue until its report has been filed, so after
         // the flush every report is here; the loop only guards against a report still on its way.
         loop {
@@ -353,8 +354,9 @@ impl KafkaSink {
     /// the batch anyway, and the linger would only add to each message's commit-to-broker latency.
     /// (librdkafka treats linger as elapsed while a flush is under way; rdkafka's own `flush`
     /// calls it with a zero timeout, which ends the flush before the broker thread sees it.)
-    fn flush(&self, should_stop: &dyn Fn() -> bool, brokers_down: &mut dyn FnMut(&str)) -> Result<(), BatchError> {
+    fn flush(&self, should_stop: &dyn Fn() -> bool, outage: &mut dyn FnMut(&str)) -> Result<(), BatchError> {
         use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT;
+        let mut watch = OutageWatch::new(Instant::now());
         loop {
             let err = unsafe { rdkafka_sys::rd_kafka_flush(self.producer.client().native_ptr(), 100) };
             if err != RD_KAFKA_RESP_ERR__TIMED_OUT {
@@ -364,8 +366,17 @@ impl KafkaSink {
             if should_stop() {
                 return Err(BatchError::Interrupted);
             }
-            if let Some(reason) = self.producer.context().filed().brokers_down.take() {
-                brokers_down(&reason);
+            // Read under the lock, reported after it: librdkafka's threads file reports meanwhile.
+            let (reports, lost) = {
+                let filed = self.producer.context().filed();
+                (filed.reports.iter().filter(|r| r.is_some()).count(), filed.brokers_down.clone())
+            };
+            match watch.check(Instant::now(), reports, lost.as_ref().map(|(_, at)| *at)) {
+                Some(Outage::BrokersLost) => outage(lost.as_ref().map_or("every broker is down", |(why, _)| why)),
+                Some(Outage::Silent(quiet)) => {
+                    outage(&format!("no acknowledgement from Kafka for {} s", quiet.as_secs()))
+                }
+                None => {}
             }
         }
     }

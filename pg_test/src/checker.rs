@@ -110,7 +110,8 @@ impl Fault {
             Fault::WorkerTerminated => Some(("worker for database \"shop\" stopped", 3)),
             Fault::PostgresImmediateStop => Some(("received immediate shutdown request", 1)),
             Fault::ProducerFatalError => Some(("recreating it and resending", 1)),
-            Fault::BrokerSlowerThanMessageTimeout => Some(("Kafka is unavailable", 1)),
+            // A batch that waits 10 s without an acknowledgement says so (before any timeout).
+            Fault::BrokerSlowerThanMessageTimeout | Fault::BrokerFrozen { .. } => Some(("Kafka is unavailable", 1)),
             _ => None,
         }
     }

@@ -183,6 +183,32 @@ fn drop_database_is_not_blocked_and_other_databases_keep_forwarding() {
 }
 
 #[test]
+fn drop_database_is_not_blocked_by_a_batch_waiting_for_a_broker_that_went_away() {
+    let broker = PrivateBroker::start(BrokerKind::Kafka);
+    let c = Cluster::start_with_databases(&broker.bootstrap(), "", &["shop", "scratch"]);
+    let mut scratch = c.client_for("scratch");
+    scratch.batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let topic = unique("dropped-while-waiting");
+    let enqueue = format!("SELECT outbox.enqueue_message('{topic}', '1'::jsonb)");
+    scratch.batch_execute(&enqueue).unwrap();
+    assert_eq!(read_topic(&broker.bootstrap(), &topic, 1, WAIT).len(), 1);
+    broker.stop();
+    scratch.batch_execute(&enqueue).unwrap();
+    // Unavailable while the batch waits: its producer knows the topic, so nothing else failed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let state = "SELECT broker_state FROM outbox.worker_status WHERE database = current_database()";
+    while scratch.query_one(state, &[]).unwrap().get::<_, String>(0) != "unavailable" {
+        assert!(Instant::now() < deadline, "the waiting batch never made the broker unavailable");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(scratch);
+    let started = Instant::now();
+    c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
+    assert!(started.elapsed() < Duration::from_secs(5), "DROP DATABASE took {:?}", started.elapsed());
+    assert!(c.log().contains("database is being dropped or renamed, worker exits"));
+}
+
+#[test]
 fn a_killed_worker_restarts_with_the_cluster_and_delivers_what_was_committed() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     let c = Cluster::start(&bootstrap, "");

@@ -149,6 +149,15 @@ impl Bench {
         self.cluster.client().query_one(sql, &[]).map(|r| r.get::<_, f64>(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    fn wait_for_broker_state(&self, condition: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sql = format!("SELECT count(*)::float8 FROM outbox.worker_status WHERE {condition}");
+        while self.scalar_f64(&sql) < 1.0 {
+            assert!(Instant::now() < deadline, "the worker never showed {condition}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn delivered(&self, topic: &str) -> i64 {
         self.cluster
             .client()
@@ -237,15 +246,10 @@ impl Bench {
             "drain: pg_outbox, {n} pending messages (written while the worker points at a port nobody listens on)"
         ));
         let nowhere = format!("127.0.0.1:{}", free_port());
+        self.wait_for_broker_state("broker_state <> 'unavailable'");
         self.cluster.reconfigure(&format!("pg_outbox.kafka_bootstrap_servers = '{nowhere}'"));
         self.sql("SELECT outbox.enqueue_message('bench.drain_gate', '{}'::jsonb)");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.scalar_f64("SELECT count(*)::float8 FROM outbox.worker_status WHERE broker_state = 'unavailable'")
-            < 1.0
-        {
-            assert!(Instant::now() < deadline, "the worker never took the unreachable bootstrap setting");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_for_broker_state("broker_state = 'unavailable'");
         let chunk = 100_000.min(n);
         let mut done = 0;
         while done < n {

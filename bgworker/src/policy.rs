@@ -249,15 +249,29 @@ mod tests {
     }
 
     #[test]
-    fn a_loss_reported_before_the_wait_counts_only_if_nothing_is_acknowledged_soon() {
-        let start = Instant::now();
-        let long_ago = start.checked_sub(Duration::from_secs(600)).unwrap_or(start);
-        let mut acknowledged = OutageWatch::new(start);
-        assert_eq!(acknowledged.check(start + Duration::from_millis(100), 0, Some(long_ago)), None);
-        assert_eq!(acknowledged.check(start + Duration::from_millis(200), 0, None), None);
+    fn a_loss_reported_before_the_wait_counts_only_once_reports_stop_for_a_while() {
+        let lost_before = Instant::now();
+        let start = lost_before + Duration::from_secs(60);
+        let at = |ms: u64| start + Duration::from_millis(ms);
         let mut still_down = OutageWatch::new(start);
-        assert_eq!(still_down.check(start + Duration::from_secs(1), 0, Some(long_ago)), None);
-        assert_eq!(still_down.check(start + OutageWatch::STALE_LOSS, 0, Some(long_ago)), Some(Outage::BrokersLost));
+        assert_eq!(still_down.check(at(1000), 0, Some(lost_before)), None);
+        assert_eq!(still_down.check(at(2000), 0, Some(lost_before)), Some(Outage::BrokersLost));
+        // Each report starts the wait for the next one over.
+        let mut slowly = OutageWatch::new(start);
+        assert_eq!(slowly.check(at(1500), 1, Some(lost_before)), None);
+        assert_eq!(slowly.check(at(3000), 1, Some(lost_before)), None);
+        assert_eq!(slowly.check(at(3600), 1, Some(lost_before)), Some(Outage::BrokersLost));
+        let mut flowing = OutageWatch::new(start);
+        for s in 1..=30 {
+            assert_eq!(flowing.check(at(s * 1000), s as usize, Some(lost_before)), None, "a report every second");
+        }
+    }
+
+    #[test]
+    fn a_loss_at_the_very_start_of_the_wait_is_news() {
+        let start = Instant::now();
+        let mut watch = OutageWatch::new(start);
+        assert_eq!(watch.check(start + Duration::from_millis(100), 0, Some(start)), Some(Outage::BrokersLost));
     }
 
     #[test]

@@ -178,6 +178,8 @@ impl ProducerContext for Reports {
 pub struct InFlight {
     batch: u32,
     messages: usize,
+    /// When the first message was handed over: an outage reported after it is news.
+    since: Instant,
 }
 
 /// Why a batch was not sent at all.
@@ -296,6 +298,7 @@ impl KafkaSink {
         should_stop: &dyn Fn() -> bool,
     ) -> Result<InFlight, BatchError> {
         self.ensure_topics(messages.iter().map(|m| m.topic.as_str()))?;
+        let since = Instant::now();
         let batch = {
             let mut filed = self.producer.context().filed();
             filed.batch = filed.batch.wrapping_add(1);
@@ -321,7 +324,7 @@ impl KafkaSink {
                 self.producer.context().file(opaque(batch, position), Err(failure));
             }
         }
-        Ok(InFlight { batch, messages: messages.len() })
+        Ok(InFlight { batch, messages: messages.len(), since })
     }
 
     /// Waits for every delivery report of a produced batch; one report per message, in order.
@@ -332,7 +335,7 @@ impl KafkaSink {
         should_stop: &dyn Fn() -> bool,
         outage: &mut dyn FnMut(&str),
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
-        self.flush(should_stop, outage)?;
+        self.flush(in_flight.since, should_stop, outage)?;
         // A message counts as in librdkafka's queue until its report has been filed, so after
         // the flush every report is here; the loop only guards against a report still on its way.
         loop {
@@ -354,9 +357,14 @@ impl KafkaSink {
     /// the batch anyway, and the linger would only add to each message's commit-to-broker latency.
     /// (librdkafka treats linger as elapsed while a flush is under way; rdkafka's own `flush`
     /// calls it with a zero timeout, which ends the flush before the broker thread sees it.)
-    fn flush(&self, should_stop: &dyn Fn() -> bool, outage: &mut dyn FnMut(&str)) -> Result<(), BatchError> {
+    fn flush(
+        &self,
+        since: Instant,
+        should_stop: &dyn Fn() -> bool,
+        outage: &mut dyn FnMut(&str),
+    ) -> Result<(), BatchError> {
         use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT;
-        let mut watch = OutageWatch::new(Instant::now());
+        let mut watch = OutageWatch::new(since);
         loop {
             let err = unsafe { rdkafka_sys::rd_kafka_flush(self.producer.client().native_ptr(), 100) };
             if err != RD_KAFKA_RESP_ERR__TIMED_OUT {

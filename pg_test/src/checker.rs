@@ -193,6 +193,8 @@ pub struct Report {
     pub may_duplicate: bool,
     /// False when the server log does not show that the fault took effect.
     pub fault_observed: bool,
+    /// The server log's pg_outbox lines and errors, for a scenario that went wrong.
+    pub server_log_tail: String,
 }
 
 impl Report {
@@ -427,6 +429,10 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     if !drained {
         report.how.push_str(" (outbox not drained after 180 s)");
     }
+    let log = cluster.log();
+    let notable: Vec<&str> =
+        log.lines().filter(|l| ["pg_outbox", "ERROR", "FATAL", "PANIC"].iter().any(|w| l.contains(w))).collect();
+    report.server_log_tail = notable[notable.len().saturating_sub(60)..].join("\n");
     report
 }
 

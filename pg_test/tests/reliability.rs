@@ -10,6 +10,9 @@ fn check(broker: BrokerKind, fault: Fault) {
     let report = run(&Scenario::new(broker, fault), &Workload::short());
     eprintln!("{}", report.markdown_row());
     let violations = report.violations();
+    if !violations.is_empty() {
+        eprintln!("server log (pg_outbox lines and errors, last 60):\n{}", report.server_log_tail);
+    }
     assert!(violations.is_empty(), "{}: {}", report.fault, violations.join(", "));
 }
 

@@ -86,7 +86,7 @@ fn a_broker_unreachable_at_start_gets_everything_once_it_is_up() {
         Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
     let topic = unique("late-broker");
     enqueue_numbers(&c, &topic, 0..20);
-    wait_for_broker_state(&c, "unavailable", WAIT);
+    wait_for_broker_state(&mut c.client(), "unavailable", WAIT);
     std::thread::sleep(Duration::from_secs(3));
     broker.resume();
     assert_eq!(payloads(&read_topic(&broker.bootstrap(), &topic, 20, Duration::from_secs(60))), numbers(0..20));
@@ -107,7 +107,7 @@ fn a_broker_restart_mid_flow_loses_nothing_and_keeps_key_order() {
     broker.stop();
     enqueue_numbers(&c, &topic, 50..100);
     // The outage shows while the messages wait, long before the producer's 120 s message timeout.
-    wait_for_broker_state(&c, "unavailable", Duration::from_secs(20));
+    wait_for_broker_state(&mut c.client(), "unavailable", Duration::from_secs(20));
     broker.resume();
     let records = read_topic(&broker.bootstrap(), &topic, 100, Duration::from_secs(90));
     // At least once: a batch in flight when the broker went away may appear twice, in order.
@@ -195,12 +195,7 @@ fn drop_database_is_not_blocked_by_a_batch_waiting_for_a_broker_that_went_away()
     broker.stop();
     scratch.batch_execute(&enqueue).unwrap();
     // Unavailable while the batch waits: its producer knows the topic, so nothing else failed.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let state = "SELECT broker_state FROM outbox.worker_status WHERE database = current_database()";
-    while scratch.query_one(state, &[]).unwrap().get::<_, String>(0) != "unavailable" {
-        assert!(Instant::now() < deadline, "the waiting batch never made the broker unavailable");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_broker_state(&mut scratch, "unavailable", Duration::from_secs(30));
     let in_flight: i32 = scratch
         .query_one("SELECT in_flight FROM outbox.worker_status WHERE database = current_database()", &[])
         .unwrap()
@@ -278,11 +273,14 @@ fn a_hot_standby_forwards_nothing_until_it_is_promoted() {
     assert!(standby.worker_pid(WAIT).is_some());
 }
 
-fn wait_for_broker_state(c: &Cluster, wanted: &str, within: Duration) {
+/// Waits for the broker state of the worker of `db`'s database.
+fn wait_for_broker_state(db: &mut postgres::Client, wanted: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let state: Option<String> =
-            c.client().query_opt("SELECT broker_state FROM outbox.worker_status", &[]).unwrap().map(|r| r.get(0));
+        let state: Option<String> = db
+            .query_opt("SELECT broker_state FROM outbox.worker_status WHERE database = current_database()", &[])
+            .unwrap()
+            .map(|r| r.get(0));
         if state.as_deref() == Some(wanted) {
             return;
         }

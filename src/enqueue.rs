@@ -20,6 +20,7 @@ use pgrx::varlena::{set_varsize_4b, varlena_to_byte_slice, varsize_any, varsize_
 use pgrx::{JsonB, PgSqlErrorCode};
 
 use crate::api::{check_message, invalid, wake_on_commit};
+use crate::message_writer::{self, MessageRow};
 use crate::shmem;
 use crate::store::{extension_version, SQL_VERSION};
 
@@ -114,16 +115,23 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
             arg(deliver_after, INTERVAL),
         ])
     } else {
-        insert(
-            shmem::current_slot(pg_sys::MyDatabaseId.to_u32()),
-            &[
-                arg(topic_datum, TEXT),
-                arg(key, TEXT),
-                arg(bytes, BYTEA),
-                arg(json_text.map(pg_sys::Datum::from), BYTEA),
-                arg(headers, JSONB),
-            ],
-        )
+        let slot = shmem::current_slot(pg_sys::MyDatabaseId.to_u32());
+        let json_text = json_text.map(pg_sys::Datum::from);
+        // check_message refused a NULL topic.
+        let row = topic_datum.map(|topic| MessageRow { slot, topic, key, payload: bytes, json_text, headers });
+        match row.as_ref().and_then(message_writer::insert) {
+            Some(id) => Ok(id),
+            None => insert(
+                slot,
+                &[
+                    arg(topic_datum, TEXT),
+                    arg(key, TEXT),
+                    arg(bytes, BYTEA),
+                    arg(json_text, BYTEA),
+                    arg(headers, JSONB),
+                ],
+            ),
+        }
     };
     let id = match id {
         Ok(id) => id,

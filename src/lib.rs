@@ -9,6 +9,7 @@ mod enqueue;
 mod guc;
 mod launcher;
 mod message_reader;
+mod message_writer;
 mod shmem;
 mod store;
 mod worker;

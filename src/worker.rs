@@ -7,7 +7,7 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use pg_outbox_bgworker::message::global_message_id;
+use pg_outbox_bgworker::message::MessageIds;
 use pg_outbox_bgworker::sink::BatchError;
 use pg_outbox_bgworker::{plan_batch, BatchOutcome, Coalescing, KafkaSink, OutboundMessage, SinkConfig, TopicCounters};
 
@@ -186,8 +186,7 @@ impl Worker {
         messages: &[OutboundMessage],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
-        let (sysid, dboid) = (self.system_identifier, self.database_oid);
-        let message_id = move |id: i64| global_message_id(sysid, dboid, id);
+        let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
         // Out of the map while in use, so that an outage heard during the wait can be recorded.
         let mut sink = match self.sinks.remove(&config) {
             Some(sink) => sink,
@@ -196,7 +195,7 @@ impl Worker {
         if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
             sink.inject_fatal_error();
         }
-        let reports = sink.produce_batch(messages, &message_id, &stop_or_drop_requested).and_then(|in_flight| {
+        let reports = sink.produce_batch(messages, &message_ids, &stop_or_drop_requested).and_then(|in_flight| {
             meanwhile();
             sink.wait_batch(in_flight, &stop_or_drop_requested, &mut |reason| self.report_outage(reason))
         });

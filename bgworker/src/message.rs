@@ -19,7 +19,43 @@ pub const MESSAGE_ID_HEADER: &str = "pg_outbox_message_id";
 
 /// A message id that is unique across clusters and databases: `<system id>-<database oid>-<id>`.
 pub fn global_message_id(system_identifier: u64, database_oid: u32, id: i64) -> String {
-    format!("{system_identifier}-{database_oid}-{id}")
+    let mut id_text = String::new();
+    MessageIds::new(system_identifier, database_oid).write(id, &mut id_text);
+    id_text
+}
+
+/// Writes the `global_message_id` of each row of one database into a buffer the caller reuses:
+/// the sink does it for every message it sends, and a `format!` each was 7 % of the worker's
+/// time in a drain.
+pub struct MessageIds {
+    prefix: String,
+}
+
+impl MessageIds {
+    pub fn new(system_identifier: u64, database_oid: u32) -> MessageIds {
+        MessageIds { prefix: format!("{system_identifier}-{database_oid}-") }
+    }
+
+    pub fn write<'a>(&self, id: i64, out: &'a mut String) -> &'a str {
+        out.clear();
+        out.push_str(&self.prefix);
+        if id < 0 {
+            out.push('-');
+        }
+        let mut digits = [0u8; 20];
+        let mut n = id.unsigned_abs();
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend(digits[start..].iter().map(|&d| d as char));
+        out
+    }
 }
 
 /// Parses the headers column (a JSON object of string values, as `enqueue_message` enforces).
@@ -91,5 +127,10 @@ mod tests {
     #[test]
     fn message_ids_name_cluster_database_and_row() {
         assert_eq!(global_message_id(7, 16384, 42), "7-16384-42");
+        let ids = MessageIds::new(7306940290385461335, 16384);
+        let mut buffer = String::from("left over from the message before");
+        assert_eq!(ids.write(0, &mut buffer), "7306940290385461335-16384-0");
+        assert_eq!(ids.write(i64::MAX, &mut buffer), "7306940290385461335-16384-9223372036854775807");
+        assert_eq!(ids.write(-12, &mut buffer), "7306940290385461335-16384--12");
     }
 }

@@ -11,7 +11,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka_sys::{rd_kafka_vtype_t as vtype, rd_kafka_vu_s__bindgen_ty_1 as VuValue, rd_kafka_vu_t};
 
-use crate::message::MESSAGE_ID_HEADER;
+use crate::message::{MessageIds, MESSAGE_ID_HEADER};
 use crate::{Outage, OutageWatch, OutboundMessage, SendFailure};
 
 /// Everything the sink needs to know to talk to one Kafka cluster.
@@ -294,7 +294,7 @@ impl KafkaSink {
     pub fn produce_batch(
         &mut self,
         messages: &[OutboundMessage],
-        message_id: &dyn Fn(i64) -> String,
+        message_ids: &MessageIds,
         should_stop: &dyn Fn() -> bool,
     ) -> Result<InFlight, BatchError> {
         self.ensure_topics(messages.iter().map(|m| m.topic.as_str()))?;
@@ -307,6 +307,7 @@ impl KafkaSink {
             filed.batch
         };
         let mut topic: Option<(&str, *mut rdkafka_sys::rd_kafka_topic_t)> = None;
+        let mut message_id = String::new();
         for (position, m) in messages.iter().enumerate() {
             let handle = match topic {
                 Some((name, handle)) if name == m.topic => handle,
@@ -320,7 +321,8 @@ impl KafkaSink {
                     handle
                 }
             };
-            if let Err(failure) = self.enqueue(handle, m, &message_id(m.id), opaque(batch, position), should_stop)? {
+            let message_id = message_ids.write(m.id, &mut message_id);
+            if let Err(failure) = self.enqueue(handle, m, message_id, opaque(batch, position), should_stop)? {
                 self.producer.context().file(opaque(batch, position), Err(failure));
             }
         }
@@ -342,8 +344,9 @@ impl KafkaSink {
             {
                 let mut filed = self.producer.context().filed();
                 if filed.batch == in_flight.batch && filed.reports.iter().all(Option::is_some) {
-                    let reports = std::mem::take(&mut filed.reports);
-                    return Ok(reports.into_iter().take(in_flight.messages).flatten().collect());
+                    let mut reports = Vec::with_capacity(in_flight.messages);
+                    reports.extend(std::mem::take(&mut filed.reports).into_iter().take(in_flight.messages).flatten());
+                    return Ok(reports);
                 }
             }
             if should_stop() {

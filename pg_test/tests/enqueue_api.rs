@@ -134,3 +134,123 @@ fn the_default_limit_accepts_exactly_one_mebibyte_and_refuses_one_byte_more() {
     assert_eq!(sqlstate(&err), "54000");
     assert_eq!(message_rows(&mut db), 2);
 }
+
+#[test]
+fn a_message_row_and_its_index_entries_are_what_an_insert_would_write() {
+    let c = cluster();
+    let mut db = c.client();
+    db.batch_execute("CREATE EXTENSION amcheck").unwrap();
+    let mut tx = db.transaction().unwrap();
+    let id: i64 = tx
+        .query_one(
+            "SELECT outbox.enqueue_message('t', '{\"b\": [1, 2], \"a\": \"ü\"}'::jsonb, key => 'k', headers => '{\"h\": \"v\"}')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let expected =
+        tx.query_one("SELECT currval('outbox.message_id_seq'), pg_current_xact_id()::text, now()::text", &[]).unwrap();
+    let row = tx
+        .query_one(
+            "SELECT txid::text, enqueued_at::text, topic, key, payload IS NULL, convert_from(json_text, 'UTF8'),
+                    json_payload IS NULL, headers::text, tableoid::regclass::text = 'outbox.messages_' || slot
+             FROM outbox.messages WHERE id = $1",
+            &[&id],
+        )
+        .unwrap();
+    assert_eq!(id, expected.get::<_, i64>(0), "the id is the sequence's next value");
+    assert_eq!(row.get::<_, String>(0), expected.get::<_, String>(1), "txid is pg_current_xact_id()");
+    assert_eq!(row.get::<_, String>(1), expected.get::<_, String>(2), "enqueued_at is now()");
+    assert_eq!(row.get::<_, String>(2), "t");
+    assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some("k"));
+    assert!(row.get::<_, bool>(4), "no bytea payload");
+    assert_eq!(row.get::<_, String>(5), r#"{"a": "ü", "b": [1, 2]}"#, "the JSON as Kafka receives it");
+    assert!(row.get::<_, bool>(6), "no jsonb copy");
+    assert_eq!(row.get::<_, String>(7), r#"{"h": "v"}"#);
+    assert!(row.get::<_, bool>(8), "the row is in the partition of its slot");
+    tx.commit().unwrap();
+    // Found through each index, as the worker finds it.
+    db.batch_execute("SET enable_seqscan = off; SET enable_bitmapscan = off").unwrap();
+    let by_id: i64 = db.query_one("SELECT count(*) FROM outbox.messages WHERE id = $1", &[&id]).unwrap().get(0);
+    let by_txid: i64 = db
+        .query_one("SELECT count(*) FROM outbox.messages WHERE txid = $1::text::xid8", &[&expected.get::<_, String>(1)])
+        .unwrap()
+        .get(0);
+    assert_eq!((by_id, by_txid), (1, 1));
+    // And amcheck finds every stored row in every index of every slot, and the indexes sound.
+    db.batch_execute(
+        "SELECT count(outbox.enqueue_message('t', to_jsonb(i), key => (i % 7)::text)) FROM generate_series(1, 2000) i",
+    )
+    .unwrap();
+    let checked: i64 = db
+        .query_one(
+            "SELECT count(bt_index_check(i.indexrelid, true)) FROM pg_index i
+             JOIN pg_inherits p ON p.inhrelid = i.indrelid
+             WHERE p.inhparent = 'outbox.messages'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(checked, 8, "two indexes on each of the four slots");
+}
+
+#[test]
+fn a_read_only_transaction_cannot_enqueue() {
+    let c = cluster();
+    let mut db = c.client();
+    assert_eq!(
+        refused(&mut db, "BEGIN READ ONLY; SELECT outbox.enqueue_message('t', '{}'::jsonb)"),
+        "25006",
+        "read_only_sql_transaction, as an INSERT would"
+    );
+    db.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(message_rows(&mut db), 0);
+}
+
+#[test]
+fn a_slot_with_a_trigger_or_a_column_of_its_own_is_written_through_an_insert() {
+    let c = cluster();
+    let mut db = c.client();
+    // What a direct write would skip: a trigger, and a column with a default (NOT NULL).
+    db.batch_execute(
+        "CREATE TABLE audit (id bigint);
+         CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN INSERT INTO audit VALUES (NEW.id); RETURN NEW; END $$;",
+    )
+    .unwrap();
+    for slot in 0..4 {
+        db.batch_execute(&format!(
+            "CREATE TRIGGER audit AFTER INSERT ON outbox.messages_{slot} FOR EACH ROW EXECUTE FUNCTION audit()"
+        ))
+        .unwrap();
+    }
+    let id: i64 = db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap().get(0);
+    let audited: Vec<i64> = db.query("SELECT id FROM audit", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(audited, vec![id], "the trigger fired for the message");
+    db.batch_execute("ALTER TABLE outbox.messages ADD COLUMN region text NOT NULL DEFAULT 'eu'").unwrap();
+    let id: i64 = db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap().get(0);
+    let region: String = db.query_one("SELECT region FROM outbox.messages WHERE id = $1", &[&id]).unwrap().get(0);
+    assert_eq!(region, "eu", "the column's default applies");
+    // Once the slots are plain again, the same session writes them directly again.
+    db.batch_execute("ALTER TABLE outbox.messages DROP COLUMN region").unwrap();
+    for slot in 0..4 {
+        db.batch_execute(&format!("DROP TRIGGER audit ON outbox.messages_{slot}")).unwrap();
+    }
+    db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap();
+    assert_eq!(message_rows(&mut db), 3);
+    let audited: i64 = db.query_one("SELECT count(*) FROM audit", &[]).unwrap().get(0);
+    assert_eq!(audited, 2);
+}
+
+#[test]
+fn a_session_goes_on_enqueueing_after_the_extension_is_dropped_and_created_again() {
+    let c = cluster();
+    let mut db = c.client();
+    db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap();
+    db.batch_execute("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox").unwrap();
+    let id: i64 = db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap().get(0);
+    assert_eq!(id, 1, "the new sequence's first value");
+    db.batch_execute("TRUNCATE outbox.messages_0, outbox.messages_1, outbox.messages_2, outbox.messages_3").unwrap();
+    db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap();
+    assert_eq!(message_rows(&mut db), 1);
+}

@@ -106,3 +106,38 @@ fn a_backlog_of_exactly_a_whole_number_of_batches_does_not_stall_later_messages(
     let records = read_topic(&bootstrap, &topic, 21, Duration::from_secs(30));
     assert_eq!(pg_outbox_tests::payloads(&records).last().map(String::as_str), Some("20"));
 }
+
+#[test]
+fn a_window_of_several_batches_is_delivered_whole_from_its_lowest_id_in_key_order() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    // Written while the worker cannot reach the broker: once it can, every message below is in
+    // one snapshot window, six batches long.
+    let nowhere = format!("127.0.0.1:{}", pg_outbox_tests::free_port());
+    let c = Cluster::start(&nowhere, "pg_outbox.batch_size = 10\npg_outbox.retry_backoff_max = '500ms'");
+    let topic = unique("big-window");
+    let enqueue = "SELECT outbox.enqueue_message($1, to_jsonb($3::int), key => $2)";
+    // Two transactions take turns, so their ids interleave, and commit last; a third one
+    // commits first with the highest ids.
+    let (mut a, mut b) = (c.client(), c.client());
+    let (mut ta, mut tb) = (a.transaction().unwrap(), b.transaction().unwrap());
+    for n in 0..20 {
+        ta.execute(enqueue, &[&topic, &"a", &n]).unwrap();
+        tb.execute(enqueue, &[&topic, &"b", &n]).unwrap();
+    }
+    c.client()
+        .execute(
+            "SELECT count(outbox.enqueue_message($1, to_jsonb(n), key => 'c')) FROM generate_series(0, 19) n",
+            &[&topic],
+        )
+        .unwrap();
+    tb.commit().unwrap();
+    ta.commit().unwrap();
+    c.reconfigure(&format!("pg_outbox.kafka_bootstrap_servers = '{bootstrap}'"));
+    let records = read_topic(&bootstrap, &topic, 60, Duration::from_secs(60));
+    assert_eq!(records.len(), 60, "every message once");
+    for key in ["a", "b", "c"] {
+        let ns: Vec<i64> =
+            records.iter().filter(|r| r.key.as_deref() == Some(key)).map(|r| r.json().as_i64().unwrap()).collect();
+        assert_eq!(ns, (0..20).collect::<Vec<_>>(), "key {key} in order");
+    }
+}

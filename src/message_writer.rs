@@ -1,0 +1,355 @@
+//! Writes an enqueued message's row into its storage slot without the executor: the row is formed
+//! here and written with heap_insert and index_insert, the way Postgres writes its own catalog
+//! rows (CatalogTupleInsert). A one-row INSERT through SPI set up and tore down a whole executor
+//! for each call (the ModifyTable node, its projection and RETURNING list, the partition
+//! constraint as an expression planned and evaluated), which cost more than the heap and index
+//! inserts themselves (docs/BENCHMARKS.md, round 10).
+//!
+//! The row is the one the INSERT wrote: the columns' defaults are computed here as the table
+//! defines them (`nextval('outbox.message_id_seq')`, `pg_current_xact_id()`, `now()`), the
+//! partition's key is the slot it is written to, and every index of the partition gets its entry.
+//! A partition that cannot be written that way — a trigger, a rule, row security, a CHECK
+//! constraint, an index on an expression or with a predicate, a column this does not know with a
+//! default or NOT NULL, a privilege missing — is left to the INSERT (`None`), which does all of it.
+//!
+//! What is known about each slot's partition is kept for the session and dropped when Postgres
+//! invalidates any of them in its relation cache (ALTER, CREATE INDEX, TRUNCATE, DROP, GRANT).
+use std::cell::{Cell, RefCell};
+use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pgrx::pg_sys::{self, Datum, Oid};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use crate::store::SLOTS;
+
+unsafe extern "C-unwind" {
+    // commands/sequence.h, which pgrx does not bind: what nextval() calls.
+    fn nextval_internal(relid: Oid, check_permissions: bool) -> i64;
+}
+
+/// `nextval(sequence)`, its ERRORs (permission, limit reached) raised as Postgres raises them.
+unsafe fn nextval(sequence: Oid) -> i64 {
+    pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, true))
+}
+
+/// The values of one message row, as `enqueue_message` received them (NULL is `None`).
+pub struct MessageRow {
+    pub slot: i16,
+    pub topic: Datum,
+    pub key: Option<Datum>,
+    pub payload: Option<Datum>,
+    pub json_text: Option<Datum>,
+    pub headers: Option<Datum>,
+}
+
+/// Where each column of a slot partition is (0-based attribute index).
+#[derive(Clone, Copy)]
+struct Columns {
+    id: usize,
+    txid: usize,
+    slot: usize,
+    topic: usize,
+    key: usize,
+    payload: usize,
+    json_text: usize,
+    headers: usize,
+    enqueued_at: usize,
+}
+
+/// The widest row (attributes, dropped ones included) written here, and the widest index.
+const MAX_ATTS: usize = 32;
+
+#[derive(Clone)]
+struct SlotTable {
+    relid: Oid,
+    sequence: Oid,
+    natts: usize,
+    columns: Columns,
+    indexes: Vec<Oid>,
+}
+
+#[derive(Clone)]
+enum Slot {
+    Unknown,
+    Direct(SlotTable),
+    /// Written through the INSERT (see the module comment).
+    ThroughInsert,
+}
+
+struct Tables {
+    generation: u64,
+    slots: [Slot; SLOTS as usize],
+}
+
+/// Bumped by the relation cache callback when one of the relations below changes.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static TABLES: RefCell<Tables> = RefCell::new(Tables { generation: u64::MAX, slots: std::array::from_fn(|_| Slot::Unknown) });
+    /// The relations the kept knowledge is about: the slot partitions, their indexes, the sequence.
+    /// Read by the callback, which must not look at anything that may be borrowed meanwhile.
+    static WATCHED: Cell<[u32; 16]> = const { Cell::new([0; 16]) };
+    /// More relations than WATCHED holds: every change of any relation counts.
+    static WATCH_ALL: Cell<bool> = const { Cell::new(false) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relation_changed(_arg: Datum, relid: Oid) {
+    let relid = relid.to_u32();
+    if relid == 0 || WATCH_ALL.with(Cell::get) || WATCHED.with(|w| w.get().contains(&relid)) {
+        GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn watch(relids: impl IntoIterator<Item = Oid>) {
+    let mut watched = WATCHED.with(Cell::get);
+    for relid in relids {
+        let relid = relid.to_u32();
+        if watched.contains(&relid) {
+            continue;
+        }
+        match watched.iter_mut().find(|w| **w == 0) {
+            Some(free) => *free = relid,
+            None => WATCH_ALL.with(|a| a.set(true)),
+        }
+    }
+    WATCHED.with(|w| w.set(watched));
+}
+
+/// Inserts the row into its slot's partition and returns its id, or `None` if that partition
+/// must be written through the INSERT.
+pub fn insert(row: &MessageRow) -> Option<i64> {
+    if !CALLBACK_REGISTERED.with(Cell::get) {
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), Datum::from(0)) };
+        CALLBACK_REGISTERED.with(|c| c.set(true));
+    }
+    // What the executor checks before any INSERT: not in a read-only transaction (nor on a
+    // standby, where every transaction is), not in parallel mode.
+    if unsafe { pg_sys::XactReadOnly } {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "cannot execute enqueue_message() in a read-only transaction"
+        );
+    }
+    if unsafe { pg_sys::IsInParallelMode() } {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            "cannot execute enqueue_message() during a parallel operation"
+        );
+    }
+    // Opening the partition takes its lock, and taking a lock processes pending invalidations:
+    // if that changed what was known about it, look again.
+    for _ in 0..3 {
+        let generation = GENERATION.load(Ordering::Relaxed);
+        let table = match slot_table(row.slot, generation) {
+            Slot::Direct(table) => table,
+            _ => return None,
+        };
+        let rel = unsafe { pg_sys::try_table_open(table.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+        if rel.is_null() {
+            GENERATION.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if GENERATION.load(Ordering::Relaxed) != generation || unsafe { (*(*rel).rd_att).natts } as usize != table.natts
+        {
+            GENERATION.fetch_add(1, Ordering::Relaxed);
+            unsafe { pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+            continue;
+        }
+        let id = unsafe { write(rel, &table, row) };
+        unsafe { pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+        return Some(id);
+    }
+    None
+}
+
+/// What is known about the slot's partition, found out first if need be.
+fn slot_table(slot: i16, generation: u64) -> Slot {
+    let index = slot as usize;
+    let known = TABLES.with(|t| {
+        let mut tables = t.borrow_mut();
+        if tables.generation != generation {
+            tables.generation = generation;
+            tables.slots = std::array::from_fn(|_| Slot::Unknown);
+        }
+        tables.slots.get(index).cloned()
+    });
+    match known {
+        None => Slot::ThroughInsert,
+        Some(Slot::Unknown) => {
+            let found = unsafe { inspect(slot) };
+            TABLES.with(|t| {
+                let mut tables = t.borrow_mut();
+                if tables.generation == generation {
+                    tables.slots[index] = found.clone();
+                }
+            });
+            found
+        }
+        Some(known) => known,
+    }
+}
+
+/// Looks at the slot's partition: can a row be written to it here exactly as the INSERT would?
+unsafe fn inspect(slot: i16) -> Slot {
+    let namespace = pg_sys::get_namespace_oid(c"outbox".as_ptr(), true);
+    if namespace == pg_sys::InvalidOid {
+        return Slot::ThroughInsert;
+    }
+    let relid = relation_in(namespace, &format!("messages_{slot}"));
+    let sequence = relation_in(namespace, "message_id_seq");
+    if relid == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
+        return Slot::ThroughInsert;
+    }
+    let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    if rel.is_null() {
+        return Slot::ThroughInsert;
+    }
+    let found = inspect_open(rel, sequence);
+    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    if let Slot::Direct(table) = &found {
+        watch([table.relid, table.sequence].into_iter().chain(table.indexes.iter().copied()));
+    }
+    found
+}
+
+unsafe fn relation_in(namespace: Oid, name: &str) -> Oid {
+    match CString::new(name) {
+        Ok(name) => pg_sys::get_relname_relid(name.as_ptr(), namespace),
+        Err(_) => pg_sys::InvalidOid,
+    }
+}
+
+unsafe fn inspect_open(rel: pg_sys::Relation, sequence: Oid) -> Slot {
+    let class = &*(*rel).rd_rel;
+    let plain_table = class.relkind as u8 == pg_sys::RELKIND_RELATION
+        && !class.relhasrules
+        && (*rel).rd_rules.is_null()
+        && (*rel).trigdesc.is_null()
+        && !class.relrowsecurity
+        && pg_sys::pg_class_aclcheck((*rel).rd_id, pg_sys::GetUserId(), pg_sys::ACL_INSERT as pg_sys::AclMode)
+            == pg_sys::AclResult::ACLCHECK_OK;
+    if !plain_table {
+        return Slot::ThroughInsert;
+    }
+    let desc = (*rel).rd_att;
+    let natts = (*desc).natts as usize;
+    let constr = (*desc).constr;
+    if natts > MAX_ATTS || (!constr.is_null() && ((*constr).num_check > 0 || (*constr).has_generated_stored)) {
+        return Slot::ThroughInsert;
+    }
+    // Each column this writes, by name and type; every other one must be one the INSERT left NULL.
+    let expected: [(&str, pg_sys::Oid); 9] = [
+        ("id", pg_sys::INT8OID),
+        ("txid", pg_sys::XID8OID),
+        ("slot", pg_sys::INT2OID),
+        ("topic", pg_sys::TEXTOID),
+        ("key", pg_sys::TEXTOID),
+        ("payload", pg_sys::BYTEAOID),
+        ("json_text", pg_sys::BYTEAOID),
+        ("headers", pg_sys::JSONBOID),
+        ("enqueued_at", pg_sys::TIMESTAMPTZOID),
+    ];
+    let mut found = [None; 9];
+    for (i, att) in (*desc).attrs.as_slice(natts).iter().enumerate() {
+        if att.attisdropped {
+            continue;
+        }
+        let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
+        match expected.iter().position(|(n, _)| n.as_bytes() == name) {
+            Some(k) if expected[k].1 == att.atttypid => found[k] = Some(i),
+            Some(_) => return Slot::ThroughInsert,
+            None if att.atthasdef || att.attnotnull || att.attgenerated != 0 => return Slot::ThroughInsert,
+            None => {}
+        }
+    }
+    let [Some(id), Some(txid), Some(slot), Some(topic), Some(key), Some(payload), Some(json_text), Some(headers), Some(enqueued_at)] =
+        found
+    else {
+        return Slot::ThroughInsert;
+    };
+    let index_list = pg_sys::RelationGetIndexList(rel);
+    let mut indexes = Vec::new();
+    let count = if index_list.is_null() { 0 } else { (*index_list).length };
+    for n in 0..count {
+        let index_oid = pg_sys::list_nth_oid(index_list, n);
+        let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let info = pg_sys::BuildIndexInfo(index);
+        let plain = (*info).ii_Expressions.is_null()
+            && (*info).ii_Predicate.is_null()
+            && (*info).ii_ExclusionOps.is_null()
+            && (*(*index).rd_index).indimmediate
+            && (*info).ii_NumIndexAttrs as usize <= MAX_ATTS;
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if !plain {
+            return Slot::ThroughInsert;
+        }
+        indexes.push(index_oid);
+    }
+    pg_sys::list_free(index_list);
+    let columns = Columns { id, txid, slot, topic, key, payload, json_text, headers, enqueued_at };
+    Slot::Direct(SlotTable { relid: (*rel).rd_id, sequence, natts, columns, indexes })
+}
+
+/// Forms the row and writes it and its index entries (`rel` is open and locked).
+unsafe fn write(rel: pg_sys::Relation, table: &SlotTable, row: &MessageRow) -> i64 {
+    let c = table.columns;
+    let mut values = [Datum::from(0); MAX_ATTS];
+    let mut nulls = [true; MAX_ATTS];
+    let mut set = |i: usize, value: Option<Datum>| {
+        if let Some(v) = value {
+            values[i] = v;
+            nulls[i] = false;
+        }
+    };
+    let id = nextval(table.sequence);
+    set(c.id, Some(Datum::from(id)));
+    set(c.txid, Some(Datum::from(pg_sys::GetTopFullTransactionId().value)));
+    set(c.slot, Some(Datum::from(row.slot)));
+    set(c.topic, Some(row.topic));
+    set(c.key, row.key);
+    set(c.payload, row.payload);
+    set(c.json_text, row.json_text);
+    set(c.headers, row.headers);
+    set(c.enqueued_at, Some(Datum::from(pg_sys::GetCurrentTransactionStartTimestamp())));
+
+    let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+    pg_sys::heap_insert(rel, tuple, pg_sys::GetCurrentCommandId(true), 0, std::ptr::null_mut());
+    for &index_oid in &table.indexes {
+        let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let info = pg_sys::BuildIndexInfo(index);
+        // An index being built concurrently takes entries only once it is ready for them.
+        if (*info).ii_ReadyForInserts {
+            let mut key_values = [Datum::from(0); MAX_ATTS];
+            let mut key_nulls = [true; MAX_ATTS];
+            for k in 0..(*info).ii_NumIndexAttrs as usize {
+                let att = (*info).ii_IndexAttrNumbers[k] as usize - 1;
+                key_values[k] = values[att];
+                key_nulls[k] = nulls[att];
+            }
+            let unique = if (*(*index).rd_index).indisunique {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+            } else {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+            };
+            pg_sys::index_insert(
+                index,
+                key_values.as_mut_ptr(),
+                key_nulls.as_mut_ptr(),
+                &mut (*tuple).t_self,
+                rel,
+                unique,
+                false,
+                info,
+            );
+        }
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+    pg_sys::heap_freetuple(tuple);
+    id
+}

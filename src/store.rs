@@ -640,14 +640,25 @@ pub fn rotate(rotation_interval_secs: f64, retention_secs: f64) -> Option<i16> {
             let age: f64 = state.get(2)?.unwrap_or(0.0);
             let done_xmax: String = state.get(3)?.unwrap_or_default();
             let done_xip: Vec<String> = state.get(4)?.unwrap_or_default();
+            // Which slots are empty, and how large each one's heap is: one statement, kept.
+            let slots_sql = (0..SLOTS)
+                .map(|slot| format!("NOT EXISTS (SELECT 1 FROM outbox.messages_{slot})"))
+                .chain((0..SLOTS).map(|slot| format!("pg_relation_size('outbox.messages_{slot}'::regclass)")))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let (empty, size) = with_plan(client, "rotation_slots", &format!("SELECT {slots_sql}"), |plan| {
+                let row = client.select(plan, Some(1), &[])?.first();
+                let mut empty = [false; SLOTS as usize];
+                let mut size = [0i64; SLOTS as usize];
+                for slot in 0..SLOTS as usize {
+                    empty[slot] = row.get::<bool>(slot + 1)?.unwrap_or(false);
+                    size[slot] = row.get::<i64>(SLOTS as usize + slot + 1)?.unwrap_or(0);
+                }
+                Ok((empty, size))
+            })?;
             for slot in (0..SLOTS).filter(|&s| s != current) {
                 let table = format!("outbox.messages_{slot}");
-                let empty: bool = client
-                    .select(&format!("SELECT NOT EXISTS (SELECT 1 FROM {table})"), Some(1), &[])?
-                    .first()
-                    .get(1)?
-                    .unwrap_or(false);
-                if empty || !try_lock_exclusive(&table) {
+                if empty[slot as usize] || !try_lock_exclusive(&table) {
                     continue;
                 }
                 // Unsettled, or delivered but still within pg_outbox.retention.
@@ -672,19 +683,15 @@ pub fn rotate(rotation_interval_secs: f64, retention_secs: f64) -> Option<i16> {
             // Four slots must cover the retention period: rotate at least every retention / 2.
             // Without retention, a busy slot also rotates once its heap reaches ROTATION_BYTES,
             // so storage stays about two slots of that size whatever the rate.
-            let full = retention_secs <= 0.0
-                && client
-                    .select(&format!("SELECT pg_relation_size('outbox.messages_{current}')"), Some(1), &[])?
-                    .first()
-                    .get::<i64>(1)?
-                    .unwrap_or(0)
-                    >= ROTATION_BYTES;
+            let full = retention_secs <= 0.0 && size[current as usize] >= ROTATION_BYTES;
             if full || age >= rotation_interval_secs.max(retention_secs / 2.0) {
-                let next_empty: bool = client
-                    .select(&format!("SELECT NOT EXISTS (SELECT 1 FROM outbox.messages_{next})"), Some(1), &[])?
-                    .first()
-                    .get(1)?
-                    .unwrap_or(false);
+                // Empty before this check, or truncated by it just now.
+                let next_empty = empty[next as usize]
+                    || client
+                        .select(&format!("SELECT NOT EXISTS (SELECT 1 FROM outbox.messages_{next})"), Some(1), &[])?
+                        .first()
+                        .get(1)?
+                        .unwrap_or(false);
                 if next_empty {
                     let moved = client.update(
                         "UPDATE outbox.worker_state SET current_slot = $1, slot_switched_at = now() RETURNING ctid::text",

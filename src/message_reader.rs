@@ -58,8 +58,8 @@ thread_local! {
 
 /// Runs `sql` (kept under `name`) with `args` and returns the messages it selected, in order.
 /// Held messages (`held`) carry their attempts in a seventh column. Room for `expected` messages
-/// is made at once: growing a vector of thousands of messages one doubling at a time was 8 % of
-/// the worker's time in a drain.
+/// is made at once (callers bound it: a batch may be set to a million): growing a vector of
+/// thousands of messages one doubling at a time was 8 % of the worker's time in a drain.
 pub fn select_messages(
     name: &'static str,
     sql: &str,

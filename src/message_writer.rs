@@ -8,9 +8,11 @@
 //! The row is the one the INSERT wrote: the columns' defaults are computed here as the table
 //! defines them (`nextval('outbox.message_id_seq')`, `pg_current_xact_id()`, `now()`), the
 //! partition's key is the slot it is written to, and every index of the partition gets its entry.
-//! A partition that cannot be written that way — a trigger, a rule, row security, a CHECK
-//! constraint, an index on an expression or with a predicate, a column this does not know with a
-//! default or NOT NULL, a privilege missing — is left to the INSERT (`None`), which does all of it.
+//! A partition that cannot be written that way — one that is not exactly its slot's partition of
+//! outbox.messages, a trigger, a rule, row security, a CHECK constraint, an index on an
+//! expression or with a predicate, a default other than the table's own, a column this does not
+//! know with a default or NOT NULL, a privilege missing — is left to the INSERT (`None`), which
+//! does all of it.
 //!
 //! What is known about each slot's partition is kept for the session and dropped when Postgres
 //! invalidates any of them in its relation cache (ALTER, CREATE INDEX, TRUNCATE, DROP, GRANT).
@@ -61,16 +63,20 @@ struct Columns {
 /// The widest row (attributes, dropped ones included) written here, and the widest index.
 const MAX_ATTS: usize = 32;
 
-#[derive(Clone)]
+/// The most indexes a slot partition written here may have (it has two).
+const MAX_INDEXES: usize = 8;
+
+#[derive(Clone, Copy)]
 struct SlotTable {
     relid: Oid,
     sequence: Oid,
     natts: usize,
     columns: Columns,
-    indexes: Vec<Oid>,
+    indexes: [Oid; MAX_INDEXES],
+    index_count: usize,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 enum Slot {
     Unknown,
     Direct(SlotTable),
@@ -190,7 +196,7 @@ fn slot_table(slot: i16, generation: u64) -> Slot {
             WATCHED.with(|w| w.set([0; 16]));
             WATCH_ALL.with(|a| a.set(false));
         }
-        tables.slots.get(index).cloned()
+        tables.slots.get(index).copied()
     });
     match known {
         None => Slot::ThroughInsert,
@@ -199,7 +205,7 @@ fn slot_table(slot: i16, generation: u64) -> Slot {
             TABLES.with(|t| {
                 let mut tables = t.borrow_mut();
                 if tables.generation == generation {
-                    tables.slots[index] = found.clone();
+                    tables.slots[index] = found;
                 }
             });
             found
@@ -219,14 +225,19 @@ unsafe fn inspect(slot: i16) -> Slot {
     if relid == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
         return Slot::ThroughInsert;
     }
+    // Watched before anything is looked at: opening the partition and its indexes takes locks,
+    // which processes invalidations, and one that comes while this looks (a CREATE INDEX
+    // CONCURRENTLY, say) must make the caller look again. Watched whatever is found, so that a
+    // partition written through the INSERT is looked at again once it changes back.
+    watch([relid, sequence]);
     let rel = pg_sys::try_table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
     if rel.is_null() {
         return Slot::ThroughInsert;
     }
-    let found = inspect_open(rel, sequence);
+    let found = inspect_open(rel, slot, sequence);
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     if let Slot::Direct(table) = &found {
-        watch([table.relid, table.sequence].into_iter().chain(table.indexes.iter().copied()));
+        watch(table.indexes[..table.index_count].iter().copied());
     }
     found
 }
@@ -238,14 +249,15 @@ unsafe fn relation_in(namespace: Oid, name: &str) -> Oid {
     }
 }
 
-unsafe fn inspect_open(rel: pg_sys::Relation, sequence: Oid) -> Slot {
+unsafe fn inspect_open(rel: pg_sys::Relation, slot_number: i16, sequence: Oid) -> Slot {
     let class = &*(*rel).rd_rel;
     let plain_table = class.relkind as u8 == pg_sys::RELKIND_RELATION
+        && class.relispartition
         && !class.relhasrules
         && (*rel).rd_rules.is_null()
         && (*rel).trigdesc.is_null()
         && !class.relrowsecurity;
-    if !plain_table {
+    if !plain_table || !is_slot_partition((*rel).rd_id, slot_number) {
         return Slot::ThroughInsert;
     }
     let desc = (*rel).rd_att;
@@ -254,17 +266,18 @@ unsafe fn inspect_open(rel: pg_sys::Relation, sequence: Oid) -> Slot {
     if natts > MAX_ATTS || (!constr.is_null() && ((*constr).num_check > 0 || (*constr).has_generated_stored)) {
         return Slot::ThroughInsert;
     }
-    // Each column this writes, by name and type; every other one must be one the INSERT left NULL.
-    let expected: [(&str, pg_sys::Oid); 9] = [
-        ("id", pg_sys::INT8OID),
-        ("txid", pg_sys::XID8OID),
-        ("slot", pg_sys::INT2OID),
-        ("topic", pg_sys::TEXTOID),
-        ("key", pg_sys::TEXTOID),
-        ("payload", pg_sys::BYTEAOID),
-        ("json_text", pg_sys::BYTEAOID),
-        ("headers", pg_sys::JSONBOID),
-        ("enqueued_at", pg_sys::TIMESTAMPTZOID),
+    // Each column this writes, by name and type, and whether it may be NULL; every other one must
+    // be one the INSERT left NULL.
+    let expected: [(&str, pg_sys::Oid, bool); 9] = [
+        ("id", pg_sys::INT8OID, false),
+        ("txid", pg_sys::XID8OID, false),
+        ("slot", pg_sys::INT2OID, false),
+        ("topic", pg_sys::TEXTOID, false),
+        ("key", pg_sys::TEXTOID, true),
+        ("payload", pg_sys::BYTEAOID, true),
+        ("json_text", pg_sys::BYTEAOID, true),
+        ("headers", pg_sys::JSONBOID, true),
+        ("enqueued_at", pg_sys::TIMESTAMPTZOID, false),
     ];
     let mut found = [None; 9];
     for (i, att) in (*desc).attrs.as_slice(natts).iter().enumerate() {
@@ -272,8 +285,16 @@ unsafe fn inspect_open(rel: pg_sys::Relation, sequence: Oid) -> Slot {
             continue;
         }
         let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
-        match expected.iter().position(|(n, _)| n.as_bytes() == name) {
-            Some(k) if expected[k].1 == att.atttypid => found[k] = Some(i),
+        match expected.iter().position(|(n, _, _)| n.as_bytes() == name) {
+            Some(k)
+                if expected[k].1 == att.atttypid
+                    && att.atttypmod == -1
+                    && att.attidentity == 0
+                    && att.attgenerated == 0
+                    && !(expected[k].2 && att.attnotnull) =>
+            {
+                found[k] = Some(i)
+            }
             Some(_) => return Slot::ThroughInsert,
             None if att.atthasdef || att.attnotnull || att.attgenerated != 0 => return Slot::ThroughInsert,
             None => {}
@@ -284,11 +305,22 @@ unsafe fn inspect_open(rel: pg_sys::Relation, sequence: Oid) -> Slot {
     else {
         return Slot::ThroughInsert;
     };
+    // The defaults this computes must be the table's: nextval of the sequence, the transaction's
+    // id and start time. (The other columns are always given a value, as the INSERT gave them.)
+    let defaults_as_written = default_calls(constr, id + 1, pg_sys::F_NEXTVAL, Some(sequence))
+        && default_calls(constr, txid + 1, pg_sys::F_PG_CURRENT_XACT_ID, None)
+        && default_calls(constr, enqueued_at + 1, pg_sys::F_NOW, None);
+    if !defaults_as_written {
+        return Slot::ThroughInsert;
+    }
     let index_list = pg_sys::RelationGetIndexList(rel);
-    let mut indexes = Vec::new();
-    let count = if index_list.is_null() { 0 } else { (*index_list).length };
-    for n in 0..count {
-        let index_oid = pg_sys::list_nth_oid(index_list, n);
+    let mut indexes = [pg_sys::InvalidOid; MAX_INDEXES];
+    let count = if index_list.is_null() { 0 } else { (*index_list).length as usize };
+    if count > MAX_INDEXES {
+        return Slot::ThroughInsert;
+    }
+    for (n, slot_index) in indexes.iter_mut().enumerate().take(count) {
+        let index_oid = pg_sys::list_nth_oid(index_list, n as i32);
         let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let info = pg_sys::BuildIndexInfo(index);
         let plain = (*info).ii_Expressions.is_null()
@@ -300,11 +332,56 @@ unsafe fn inspect_open(rel: pg_sys::Relation, sequence: Oid) -> Slot {
         if !plain {
             return Slot::ThroughInsert;
         }
-        indexes.push(index_oid);
+        *slot_index = index_oid;
     }
     pg_sys::list_free(index_list);
     let columns = Columns { id, txid, slot, topic, key, payload, json_text, headers, enqueued_at };
-    Slot::Direct(SlotTable { relid: (*rel).rd_id, sequence, natts, columns, indexes })
+    Slot::Direct(SlotTable { relid: (*rel).rd_id, sequence, natts, columns, indexes, index_count: count })
+}
+
+/// Whether attribute `attnum`'s default is a call of function `funcid` (with the sequence as its
+/// one argument, for nextval).
+unsafe fn default_calls(constr: *mut pg_sys::TupleConstr, attnum: usize, funcid: u32, sequence: Option<Oid>) -> bool {
+    if constr.is_null() {
+        return false;
+    }
+    let defaults = std::slice::from_raw_parts((*constr).defval, (*constr).num_defval as usize);
+    let Some(default) = defaults.iter().find(|d| d.adnum as usize == attnum) else { return false };
+    let node = pg_sys::stringToNode(default.adbin) as *mut pg_sys::Node;
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_FuncExpr {
+        return false;
+    }
+    let call = node as *mut pg_sys::FuncExpr;
+    if (*call).funcid.to_u32() != funcid {
+        return false;
+    }
+    let args = (*call).args;
+    let arg_count = if args.is_null() { 0 } else { (*args).length };
+    match sequence {
+        None => arg_count == 0,
+        Some(sequence) => {
+            if arg_count != 1 {
+                return false;
+            }
+            let arg = pg_sys::list_nth(args, 0) as *mut pg_sys::Node;
+            if arg.is_null() || (*arg).type_ != pg_sys::NodeTag::T_Const {
+                return false;
+            }
+            let value = arg as *mut pg_sys::Const;
+            !(*value).constisnull && (*value).constvalue.value() as u32 == sequence.to_u32()
+        }
+    }
+}
+
+/// Whether `relid` is a partition of outbox.messages holding exactly the rows of slot `slot`.
+unsafe fn is_slot_partition(relid: Oid, slot: i16) -> bool {
+    let bound = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM pg_catalog.pg_class c
+         JOIN pg_catalog.pg_inherits i ON i.inhrelid = c.oid
+         WHERE c.oid = $1 AND i.inhparent = 'outbox.messages'::pg_catalog.regclass",
+        &[relid.into()],
+    );
+    matches!(bound, Ok(Some(bound)) if bound == format!("FOR VALUES IN ('{slot}')"))
 }
 
 /// Forms the row and writes it and its index entries (`rel` is open and locked).
@@ -331,7 +408,7 @@ unsafe fn write(rel: pg_sys::Relation, table: &SlotTable, row: &MessageRow) -> i
 
     let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
     pg_sys::heap_insert(rel, tuple, pg_sys::GetCurrentCommandId(true), 0, std::ptr::null_mut());
-    for &index_oid in &table.indexes {
+    for &index_oid in &table.indexes[..table.index_count] {
         let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let info = pg_sys::BuildIndexInfo(index);
         // An index being built concurrently takes entries only once it is ready for them.

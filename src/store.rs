@@ -310,7 +310,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                     &format!("SELECT {columns} FROM outbox.messages WHERE {unsettled} LIMIT $5"),
                     &args,
                     false,
-                    batch_size as usize,
+                    (batch_size as usize).min(256),
                 );
                 fresh.sort_unstable_by_key(|m| m.id);
             }
@@ -332,7 +332,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                 let first: Option<i64> =
                     run_plan("window_first_id", |plan| client.select(plan, Some(1), &args)?.first().get(1))?;
                 if let Some(first) = first {
-                    args[0] = (first - 1).into();
+                    args[0] = first.saturating_sub(1).into();
                 }
             }
             if !new_window || backlog {
@@ -345,7 +345,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                     ),
                     &args,
                     false,
-                    batch_size as usize,
+                    (batch_size as usize).min(65_536),
                 );
             }
             batch.fresh = fresh;

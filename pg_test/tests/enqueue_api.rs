@@ -208,7 +208,7 @@ fn a_read_only_transaction_cannot_enqueue() {
 }
 
 #[test]
-fn a_slot_with_a_trigger_or_a_column_of_its_own_is_written_through_an_insert() {
+fn a_slot_with_a_trigger_a_check_or_a_default_of_its_own_is_written_through_an_insert() {
     let c = cluster();
     let mut db = c.client();
     // What a direct write would skip: a trigger, and a column with a default (NOT NULL).
@@ -231,13 +231,27 @@ fn a_slot_with_a_trigger_or_a_column_of_its_own_is_written_through_an_insert() {
     let id: i64 = db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap().get(0);
     let region: String = db.query_one("SELECT region FROM outbox.messages WHERE id = $1", &[&id]).unwrap().get(0);
     assert_eq!(region, "eu", "the column's default applies");
-    // Once the slots are plain again, the same session writes them directly again.
     db.batch_execute("ALTER TABLE outbox.messages DROP COLUMN region").unwrap();
     for slot in 0..4 {
         db.batch_execute(&format!("DROP TRIGGER audit ON outbox.messages_{slot}")).unwrap();
     }
+    // A default of its own for a column the direct write fills: the INSERT applies it.
+    db.batch_execute("ALTER TABLE outbox.messages ALTER COLUMN enqueued_at SET DEFAULT '2001-02-03 04:05:06+00'")
+        .unwrap();
+    let id: i64 = db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap().get(0);
+    let old: bool = db
+        .query_one("SELECT enqueued_at = '2001-02-03 04:05:06+00' FROM outbox.messages WHERE id = $1", &[&id])
+        .unwrap()
+        .get(0);
+    assert!(old, "the changed default applies");
+    db.batch_execute("ALTER TABLE outbox.messages ALTER COLUMN enqueued_at SET DEFAULT now()").unwrap();
+    // A CHECK constraint: checked, as the INSERT checks it.
+    db.batch_execute("ALTER TABLE outbox.messages ADD CONSTRAINT not_internal CHECK (topic <> 'internal')").unwrap();
+    assert_eq!(refused(&mut db, "SELECT outbox.enqueue_message('internal', '{}'::jsonb)"), "23514");
+    db.batch_execute("ALTER TABLE outbox.messages DROP CONSTRAINT not_internal").unwrap();
+    // Plain again: the same session goes on writing, and nothing of the above fires any more.
     db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap();
-    assert_eq!(message_rows(&mut db), 3);
+    assert_eq!(message_rows(&mut db), 4);
     let audited: i64 = db.query_one("SELECT count(*) FROM audit", &[]).unwrap().get(0);
     assert_eq!(audited, 2);
 }

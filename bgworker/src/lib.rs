@@ -13,5 +13,7 @@ pub mod sink;
 pub use counters::{TopicCount, TopicCounters};
 pub use message::{parse_headers, OutboundMessage};
 pub use plan::{plan_batch, Plan};
-pub use policy::{flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, SendFailure};
+pub use policy::{
+    flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, Rebootstrap, SendFailure,
+};
 pub use sink::{parse_properties, BatchError, KafkaSink, SinkConfig};

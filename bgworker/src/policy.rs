@@ -234,9 +234,52 @@ impl OutageWatch {
     }
 }
 
+/// When to hand librdkafka its bootstrap servers again while it has lost every broker: once the
+/// loss has lasted `AFTER` (its own reconnects come first), then every `EVERY` while it lasts.
+/// Why this is needed is told at `KafkaSink::flush`.
+#[derive(Debug, Default)]
+pub struct Rebootstrap {
+    last: Option<Instant>,
+}
+
+impl Rebootstrap {
+    pub const AFTER: Duration = Duration::from_secs(2);
+    pub const EVERY: Duration = Duration::from_secs(5);
+
+    /// `lost_at`: when librdkafka last reported every broker lost, if nothing was acknowledged since.
+    pub fn due(&mut self, now: Instant, lost_at: Option<Instant>) -> bool {
+        let Some(lost_at) = lost_at else {
+            self.last = None;
+            return false;
+        };
+        let due = now.saturating_duration_since(lost_at) >= Self::AFTER
+            && self.last.is_none_or(|last| now.saturating_duration_since(last) >= Self::EVERY);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bootstrap_servers_are_given_again_only_while_every_broker_stays_lost() {
+        let lost = Instant::now();
+        let at = |ms: u64| lost + Duration::from_millis(ms);
+        let mut rebootstrap = Rebootstrap::default();
+        assert!(!rebootstrap.due(at(1000), Some(lost)), "librdkafka's own reconnects come first");
+        assert!(rebootstrap.due(at(2000), Some(lost)));
+        assert!(!rebootstrap.due(at(2100), Some(lost)), "not on every check");
+        assert!(!rebootstrap.due(at(6900), Some(lost)));
+        assert!(rebootstrap.due(at(7000), Some(lost)), "again while the loss lasts");
+        assert!(!rebootstrap.due(at(60_000), None), "never once a message was acknowledged");
+        let lost_again = at(61_000);
+        assert!(!rebootstrap.due(at(62_000), Some(lost_again)));
+        assert!(rebootstrap.due(at(63_000), Some(lost_again)), "a new loss starts over");
+    }
 
     #[test]
     fn brokers_lost_during_the_wait_are_reported_at_once_and_only_once() {

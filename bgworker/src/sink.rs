@@ -12,7 +12,7 @@ use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProdu
 use rdkafka_sys::{rd_kafka_vtype_t as vtype, rd_kafka_vu_s__bindgen_ty_1 as VuValue, rd_kafka_vu_t};
 
 use crate::message::{MessageIds, MESSAGE_ID_HEADER};
-use crate::{Outage, OutageWatch, OutboundMessage, SendFailure};
+use crate::{Outage, OutageWatch, OutboundMessage, Rebootstrap, SendFailure};
 
 /// Everything the sink needs to know to talk to one Kafka cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,8 +31,8 @@ pub struct SinkConfig {
 /// same partition as it would from any JVM producer. The message timeout is the Java client's
 /// `delivery.timeout.ms` default: a message that times out in flight may still have been written,
 /// and its batch is resent, so only a stall longer than this can cost duplicates. (At 30 s, a
-/// 15 s freeze of a single-node broker on a busy machine cost 130: it took writes again 26 s
-/// after it was resumed.)
+/// 15 s freeze of a single-node broker on a busy machine cost 130: librdkafka had forgotten the
+/// broker, see `KafkaSink::flush`, and it took writes again only 26 s after it was resumed.)
 const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("acks", "all"),
     ("enable.idempotence", "true"),
@@ -99,6 +99,9 @@ pub struct KafkaSink {
     producer: ThreadedProducer<Reports>,
     admin: AdminClient<DefaultClientContext>,
     runtime: tokio::runtime::Runtime,
+    /// The bootstrap servers the producer was created with, to give it again (see `flush`).
+    bootstrap_servers: CString,
+    rebootstrap: Rebootstrap,
 }
 
 /// librdkafka's handle of one topic of this producer.
@@ -203,7 +206,19 @@ impl KafkaSink {
             .enable_time()
             .build()
             .map_err(|e| format!("cannot start the delivery runtime: {e}"))?;
-        Ok(KafkaSink { config, topics: HashMap::new(), producer, admin, runtime })
+        let bootstrap_servers = client_config
+            .get("bootstrap.servers")
+            .and_then(|servers| CString::new(servers).ok())
+            .ok_or_else(|| "bootstrap servers must be given, without NUL bytes".to_string())?;
+        Ok(KafkaSink {
+            config,
+            topics: HashMap::new(),
+            producer,
+            admin,
+            runtime,
+            bootstrap_servers,
+            rebootstrap: Rebootstrap::default(),
+        })
     }
 
     pub fn config(&self) -> &SinkConfig {
@@ -360,8 +375,17 @@ impl KafkaSink {
     /// the batch anyway, and the linger would only add to each message's commit-to-broker latency.
     /// (librdkafka treats linger as elapsed while a flush is under way; rdkafka's own `flush`
     /// calls it with a zero timeout, which ends the flush before the broker thread sees it.)
+    ///
+    /// While every broker stays lost, the bootstrap servers are given to librdkafka again. It
+    /// forgets each broker a metadata response leaves out, and a lone broker that its controller
+    /// fenced (it came back from a pause longer than its session timeout) lists none, itself
+    /// included. librdkafka 2.12 then mostly re-bootstraps by itself, but was seen not to (its
+    /// re-bootstrap still marked in progress from before) and to wait, with nobody to ask for
+    /// metadata, until the message timeout, when the batch is resent and duplicated. With a
+    /// bootstrap broker to ask, it finds the leader once the broker is unfenced and resends the
+    /// same messages with the same sequence numbers, which the broker deduplicates.
     fn flush(
-        &self,
+        &mut self,
         since: Instant,
         should_stop: &dyn Fn() -> bool,
         outage: &mut dyn FnMut(&str),
@@ -382,7 +406,17 @@ impl KafkaSink {
                 let filed = self.producer.context().filed();
                 (filed.reports.iter().filter(|r| r.is_some()).count(), filed.brokers_down.clone())
             };
-            match watch.check(Instant::now(), reports, lost.as_ref().map(|(_, at)| *at)) {
+            let lost_at = lost.as_ref().map(|(_, at)| *at);
+            if self.rebootstrap.due(Instant::now(), lost_at) {
+                // Adds only what librdkafka does not hold as a bootstrap broker already.
+                unsafe {
+                    rdkafka_sys::rd_kafka_brokers_add(
+                        self.producer.client().native_ptr(),
+                        self.bootstrap_servers.as_ptr(),
+                    )
+                };
+            }
+            match watch.check(Instant::now(), reports, lost_at) {
                 Some(Outage::BrokersLost) => outage(lost.as_ref().map_or("every broker is down", |(why, _)| why)),
                 Some(Outage::Silent(quiet)) => {
                     outage(&format!("no acknowledgement from Kafka for {} s", quiet.as_secs()))

@@ -149,8 +149,9 @@ pub fn all_scenarios() -> Vec<Scenario> {
         Scenario::new(Kafka, Fault::None),
         Scenario::new(Kafka, Fault::BrokerKilled),
         // Well inside the producer's 120 s message timeout, so it must cost no duplicate. After
-        // SIGCONT the single-node broker may take a while to take writes again (its controller
-        // can fence and unfence it): on a machine busy with a whole test run, once some 26 s.
+        // SIGCONT the single-node broker's controller may fence it for a moment (its heartbeats
+        // lapsed); its metadata then lists no broker, librdkafka forgets every broker it knew,
+        // and the sink must give it the bootstrap servers again (KafkaSink::flush).
         Scenario::new(Kafka, Fault::BrokerFrozen { seconds: 15 }),
         Scenario::new(Kafka, Fault::BrokerSlowerThanMessageTimeout),
         Scenario::new(Kafka, Fault::WorkerTerminated),

@@ -31,8 +31,8 @@ pub struct SinkConfig {
 /// same partition as it would from any JVM producer. The message timeout is the Java client's
 /// `delivery.timeout.ms` default: a message that times out in flight may still have been written,
 /// and its batch is resent, so only a stall longer than this can cost duplicates. (At 30 s, a
-/// 15 s freeze of a single-node broker on a busy machine cost 130: librdkafka had forgotten the
-/// broker, see `KafkaSink::flush`, and it took writes again only 26 s after it was resumed.)
+/// 15 s freeze of a single-node broker on a busy machine cost 130: it took writes again only 26 s
+/// after it was resumed, most likely the forgotten broker of `KafkaSink::flush`.)
 const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("acks", "all"),
     ("enable.idempotence", "true"),
@@ -379,8 +379,8 @@ impl KafkaSink {
     /// While every broker stays lost, the bootstrap servers are given to librdkafka again. It
     /// forgets each broker a metadata response leaves out, and a lone broker that its controller
     /// fenced (it came back from a pause longer than its session timeout) lists none, itself
-    /// included. librdkafka 2.12 then mostly re-bootstraps by itself, but was seen not to (its
-    /// re-bootstrap still marked in progress from before) and to wait, with nobody to ask for
+    /// included. librdkafka 2.12 then mostly re-bootstraps by itself, but was seen not to (by its
+    /// code, a re-bootstrap still marked in progress from before) and to wait, with nobody to ask for
     /// metadata, until the message timeout, when the batch is resent and duplicated. With a
     /// bootstrap broker to ask, it finds the leader once the broker is unfenced and resends the
     /// same messages with the same sequence numbers, which the broker deduplicates.

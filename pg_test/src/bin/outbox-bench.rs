@@ -4,6 +4,7 @@
 //! target/bench/results.json and docs/BENCHMARKS.md. Sizes come from the environment (BENCH_*),
 //! so a quick run and the full one use the same code.
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,24 +113,65 @@ struct Bench {
     results: BTreeMap<String, f64>,
     notes: Vec<String>,
     batch_size: usize,
+    linger: Option<u32>,
 }
 
 impl Bench {
-    fn pgbench(&self, script: &str, args: &[&str]) -> String {
+    /// pgbench against the bench database, running `script` with `args`.
+    fn pgbench_command(&self, script: &str, args: &[&str]) -> Command {
         let file = self.cluster.dir.parent().expect("dir").join(format!("bench-{}.sql", std::process::id()));
         std::fs::write(&file, script).expect("write pgbench script");
-        let out = Command::new(PGBENCH)
+        let mut command = Command::new(PGBENCH);
+        command
             .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres", "-p"])
             .arg(self.cluster.port.to_string())
             .args(args)
             .arg("-f")
             .arg(&file)
-            .arg("shop")
-            .output()
-            .expect("run pgbench");
+            .arg("shop");
+        command
+    }
+
+    fn pgbench(&self, script: &str, args: &[&str]) -> String {
+        let out = self.pgbench_command(script, args).output().expect("run pgbench");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "pgbench failed: {text}");
         text
+    }
+
+    /// Runs pgbench until `done` holds (checked every 200 ms), then stops it with SIGINT and
+    /// returns what it printed meanwhile (its progress lines; there is no summary).
+    fn pgbench_until(&self, script: &str, args: &[&str], done: impl Fn() -> bool) -> String {
+        let mut child = self
+            .pgbench_command(script, args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run pgbench");
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_string(&mut text);
+                }
+                text
+            })
+        };
+        let stdout = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        let stderr = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for pgbench") {
+                let text = format!("{}{}", stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+                panic!("pgbench ended ({status}) before the run was done: {text}");
+            }
+            if done() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        let _ = child.wait();
+        format!("{}{}", stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default())
     }
 
     fn tps(output: &str) -> f64 {
@@ -491,9 +533,18 @@ impl Bench {
         let warm_end = Instant::now();
         let storage_start_sample = self.outbox_bytes();
         let (rss_start, vmrss_start) = (self.worker_memory_kb("RssAnon:"), self.worker_memory_kb("VmRSS:"));
-        let out = self.pgbench(
+        // Every client runs to the end: with a count per client (-t), clients finish one after
+        // another and the last minute measures fewer of them (the tail of the run fell by a
+        // third that way). So each gets more than its share and pgbench is stopped once the
+        // orders table has grown by the rest of the messages.
+        let orders_before = self.scalar_f64("SELECT last_value::float8 FROM bench_orders_id_seq");
+        let out = self.pgbench_until(
             &script,
-            &["-c", &clients.to_string(), "-j", "2", "-P", "10", "-t", &((n - warm) / clients).to_string()],
+            &["-c", &clients.to_string(), "-j", "2", "-P", "10", "-t", &(2 * (n - warm) / clients).to_string()],
+            || {
+                self.scalar_f64("SELECT last_value::float8 FROM bench_orders_id_seq") - orders_before
+                    >= (n - warm) as f64
+            },
         );
         let main_end = Instant::now();
         stop.store(true, Ordering::Relaxed);
@@ -515,6 +566,13 @@ impl Bench {
         let first: f64 = progress.iter().take(minute).sum::<f64>() / minute as f64;
         let last: f64 = progress.iter().rev().take(minute).sum::<f64>() / minute as f64;
         let (_, _) = wait_delivered(|| self.delivered("bench.sustained"), n as i64, Duration::from_secs(3600));
+        // The last few transactions pgbench ran past the count, delivered too.
+        while self.scalar_f64("SELECT count(*)::float8 FROM outbox.pending_messages WHERE topic = 'bench.sustained'")
+            > 0.0
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let n = self.delivered("bench.sustained") as usize;
         std::thread::sleep(Duration::from_secs(5));
         let storage_end_sample = self.outbox_bytes();
         let (rss_end, vmrss_end) = (self.worker_memory_kb("RssAnon:"), self.worker_memory_kb("VmRSS:"));
@@ -829,6 +887,8 @@ impl LatencyProbe {
 
 fn main() {
     let batch_size = env_usize("BENCH_BATCH_SIZE", 5000);
+    // Unset: the worker's own default, as users get it.
+    let linger = std::env::var("BENCH_LINGER_MS").ok().and_then(|v| v.parse::<u32>().ok());
     step("starting Apache Kafka and Postgres 15 for the benchmark");
     let broker = PrivateBroker::start(BrokerKind::Kafka);
     // fsync and synchronous_commit on: the durability users run with.
@@ -841,7 +901,9 @@ fn main() {
              max_wal_size = '4GB'
              pg_outbox.batch_size = {batch_size}
              pg_outbox.poll_interval = '100ms'
-             pg_outbox.retry_backoff_max = '1s'"
+             pg_outbox.retry_backoff_max = '1s'
+             {}",
+            linger.map(|ms| format!("pg_outbox.linger = '{ms}ms'")).unwrap_or_default()
         ),
     );
     // LogAppendTime: a record's timestamp is the moment the broker appended it, so every
@@ -866,7 +928,7 @@ fn main() {
         &[("message.timestamp.type", "LogAppendTime")],
     );
     assert!(refused.is_empty(), "the broker refused bench topics: {refused:?}");
-    let mut bench = Bench { cluster, broker, results: BTreeMap::new(), notes: Vec::new(), batch_size };
+    let mut bench = Bench { cluster, broker, results: BTreeMap::new(), notes: Vec::new(), batch_size, linger };
     bench.sql(
         "CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer int NOT NULL, total numeric NOT NULL, created_at timestamptz DEFAULT now());
          CREATE TABLE bench_plain_outbox (id bigserial PRIMARY KEY, topic text NOT NULL, key text, payload jsonb NOT NULL, created_at timestamptz DEFAULT now(), sent boolean NOT NULL DEFAULT false);
@@ -959,10 +1021,11 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
     let env: Vec<String> =
         std::env::vars().filter(|(k, _)| k.starts_with("BENCH_")).map(|(k, v)| format!("`{k}={v}`")).collect();
     md.push_str(&format!(
-        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, `pg_outbox.linger` at its default (5 ms).\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains). Every forwarder delivers the same records: pg_outbox puts a `pg_outbox_message_id` header on each (the id consumers drop redeliveries by), Debezium's Outbox Event Router an `id` header, and the raw producer and the relay send a `pg_outbox_message_id` header of the same shape. `raw_broker_headerless_msgs_per_s` is the raw producer without it, lighter records than any of the forwarders send (`drain_vs_raw_headerless`, for reference).\n- Drain: first an uncounted warm-up of the broker (the raw producer, the same number of messages). pg_outbox's backlog is written while its worker points at a port nobody listens on (`pg_outbox.kafka_bootstrap_servers`, reloaded), then pointed back: the broker stays up and warm, as the raw producer and the relay meet it.\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`).\n",
+        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, {}.\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains). Every forwarder delivers the same records: pg_outbox puts a `pg_outbox_message_id` header on each (the id consumers drop redeliveries by), Debezium's Outbox Event Router an `id` header, and the raw producer and the relay send a `pg_outbox_message_id` header of the same shape. `raw_broker_headerless_msgs_per_s` is the raw producer without it, lighter records than any of the forwarders send (`drain_vs_raw_headerless`, for reference).\n- Drain: first an uncounted warm-up of the broker (the raw producer, the same number of messages). pg_outbox's backlog is written while its worker points at a port nobody listens on (`pg_outbox.kafka_bootstrap_servers`, reloaded), then pointed back: the broker stays up and warm, as the raw producer and the relay meet it.\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures.\n- Sustained: each of the 8 clients is given more transactions than its share and pgbench is stopped once the orders table has grown by the whole count, so every client runs until the end (with a count per client they finish one after another, and the last minute measured fewer of them). `sustained_messages` is the count delivered, a few hundred over.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`; parts: `BENCH_SECTIONS=enqueue,drain,latency,debezium,sustained,xmin`; the worker's linger for an experiment: `BENCH_LINGER_MS=20`).\n",
         sections.join(", "),
         if env.is_empty() { "defaults".to_string() } else { env.join(", ") },
-        bench.batch_size
+        bench.batch_size,
+        bench.linger.map_or("`pg_outbox.linger` at its default (5 ms)".to_string(), |ms| format!("`pg_outbox.linger = {ms}ms`"))
     ));
     if !bench.notes.is_empty() {
         md.push_str("\n## Notes from this run\n\n");

@@ -572,8 +572,9 @@ impl Bench {
         {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let n = self.delivered("bench.sustained") as usize;
+        // The per-topic counters are written at most once a second: read them after the pause.
         std::thread::sleep(Duration::from_secs(5));
+        let n = self.delivered("bench.sustained") as usize;
         let storage_end_sample = self.outbox_bytes();
         let (rss_end, vmrss_end) = (self.worker_memory_kb("RssAnon:"), self.worker_memory_kb("VmRSS:"));
         println!(

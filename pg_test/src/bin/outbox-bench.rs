@@ -148,17 +148,16 @@ impl Bench {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run pgbench");
-        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        // Read on threads of their own, so that a full pipe never stalls pgbench.
+        fn read_all(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
             std::thread::spawn(move || {
                 let mut text = String::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_string(&mut text);
-                }
+                let _ = pipe.read_to_string(&mut text);
                 text
             })
-        };
-        let stdout = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
-        let stderr = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        }
+        let stdout = read_all(child.stdout.take().expect("piped stdout"));
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
         loop {
             if let Some(status) = child.try_wait().expect("wait for pgbench") {
                 let text = format!("{}{}", stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());

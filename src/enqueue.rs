@@ -7,7 +7,6 @@
 //! with its schema and take typed parameters, so the caller's search_path cannot redirect them
 //! (the function is SECURITY DEFINER).
 use std::cell::RefCell;
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::CStr;
 
@@ -205,42 +204,46 @@ fn types(oids: &[PgBuiltInOids]) -> Vec<PgOid> {
 
 fn insert(slot: i16, args: &[DatumWithOid]) -> Result<i64, StoreError> {
     Spi::connect_mut(|client| {
-        INSERTS.with(|plans| {
-            let mut plans = plans.borrow_mut();
-            let plan = match plans.entry(slot) {
-                Entry::Occupied(kept) => kept.into_mut(),
-                Entry::Vacant(new) => {
-                    // After a new library is installed and before ALTER EXTENSION UPDATE, the
-                    // table may lack a column this INSERT names: say what to do instead.
-                    let version = extension_version(client)?;
-                    if version != SQL_VERSION {
-                        return Err(StoreError::OutdatedSql(version));
-                    }
-                    let sql = format!(
-                        "INSERT INTO outbox.messages_{slot} (slot, topic, key, payload, json_text, headers)
-                         VALUES ('{slot}', $1, $2, $3, $4, $5) RETURNING id"
-                    );
-                    let types = types(&[TEXT, TEXT, BYTEA, BYTEA, JSONB]);
-                    new.insert(client.prepare_mut(&sql, &types)?.keep())
+        // Out of its cell while it runs: the INSERT can fire a trigger (on the outbox's tables)
+        // that enqueues in turn, and that call must find the cell free. It plans a statement of
+        // its own; the one put back last is kept.
+        let plan = match INSERTS.with(|plans| plans.borrow_mut().remove(&slot)) {
+            Some(kept) => kept,
+            None => {
+                // After a new library is installed and before ALTER EXTENSION UPDATE, the
+                // table may lack a column this INSERT names: say what to do instead.
+                let version = extension_version(client)?;
+                if version != SQL_VERSION {
+                    return Err(StoreError::OutdatedSql(version));
                 }
-            };
-            Ok(client.update(&*plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)?)
-        })
+                let sql = format!(
+                    "INSERT INTO outbox.messages_{slot} (slot, topic, key, payload, json_text, headers)
+                     VALUES ('{slot}', $1, $2, $3, $4, $5) RETURNING id"
+                );
+                let types = types(&[TEXT, TEXT, BYTEA, BYTEA, JSONB]);
+                client.prepare_mut(&sql, &types)?.keep()
+            }
+        };
+        let id = client.update(&plan, Some(1), args).and_then(|rows| rows.first().get_one::<i64>());
+        INSERTS.with(|plans| plans.borrow_mut().insert(slot, plan));
+        Ok(id?.ok_or(pgrx::spi::Error::NoTupleTable)?)
     })
 }
 
 fn insert_delayed(args: &[DatumWithOid]) -> Result<i64, StoreError> {
     Spi::connect_mut(|client| {
-        DELAYED.with(|plan| {
-            let mut plan = plan.borrow_mut();
-            if plan.is_none() {
+        // Out of its cell while it runs, as in `insert`.
+        let plan = match DELAYED.with(|plan| plan.borrow_mut().take()) {
+            Some(kept) => kept,
+            None => {
                 let sql = "SELECT outbox._store_message($1, $2, $3, $4, $5,
                                   coalesce($6, pg_catalog.now() OPERATOR(pg_catalog.+) $7))";
                 let types = types(&[TEXT, TEXT, BYTEA, JSONB, JSONB, TIMESTAMPTZ, INTERVAL]);
-                *plan = Some(client.prepare_mut(sql, &types)?.keep());
+                client.prepare_mut(sql, &types)?.keep()
             }
-            let plan = plan.as_ref().ok_or(pgrx::spi::Error::NoTupleTable)?;
-            Ok(client.update(plan, Some(1), args)?.first().get_one::<i64>()?.ok_or(pgrx::spi::Error::NoTupleTable)?)
-        })
+        };
+        let id = client.update(&plan, Some(1), args).and_then(|rows| rows.first().get_one::<i64>());
+        DELAYED.with(|kept| kept.borrow_mut().replace(plan));
+        Ok(id?.ok_or(pgrx::spi::Error::NoTupleTable)?)
     })
 }

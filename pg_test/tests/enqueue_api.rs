@@ -257,6 +257,68 @@ fn a_slot_with_a_trigger_a_check_or_a_default_of_its_own_is_written_through_an_i
 }
 
 #[test]
+fn a_trigger_on_the_outbox_may_enqueue_in_turn() {
+    let c = cluster();
+    let mut db = c.client();
+    // An audit copy of some events, made by triggers on the outbox's own tables: the copy is
+    // enqueued while the INSERT of the message it copies is still running.
+    db.batch_execute(
+        "CREATE FUNCTION copy_to_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.topic = 'orders' THEN
+                 PERFORM outbox.enqueue_message('orders.audit', jsonb_build_object('of', NEW.id), key => NEW.key);
+             ELSIF NEW.topic = 'reminders' THEN
+                 PERFORM outbox.enqueue_message('reminders.audit', jsonb_build_object('of', NEW.id),
+                                                deliver_after => '1 hour');
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER copy_to_audit AFTER INSERT ON outbox.held_messages
+             FOR EACH ROW EXECUTE FUNCTION copy_to_audit();",
+    )
+    .unwrap();
+    for slot in 0..4 {
+        db.batch_execute(&format!(
+            "CREATE TRIGGER copy_to_audit AFTER INSERT ON outbox.messages_{slot}
+                 FOR EACH ROW EXECUTE FUNCTION copy_to_audit()"
+        ))
+        .unwrap();
+    }
+    // Twice: the second time through the statements the first calls planned and kept.
+    for round in 1..=2 {
+        let order: i64 =
+            db.query_one("SELECT outbox.enqueue_message('orders', '{}'::jsonb, key => '42')", &[]).unwrap().get(0);
+        let copy: (i64, String) = db
+            .query_one(
+                "SELECT (convert_from(json_text, 'UTF8')::jsonb ->> 'of')::bigint, key
+                 FROM outbox.messages WHERE topic = 'orders.audit' ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert_eq!(copy, (order, "42".to_string()), "round {round}: the copy of the order, with its key");
+        let reminder: i64 = db
+            .query_one("SELECT outbox.enqueue_message('reminders', '{}'::jsonb, deliver_after => '1 hour')", &[])
+            .unwrap()
+            .get(0);
+        let copied: i64 = db
+            .query_one(
+                "SELECT (json_payload ->> 'of')::bigint FROM outbox.held_messages
+                 WHERE topic = 'reminders.audit' AND delayed ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(copied, reminder, "round {round}: the delayed copy of the delayed reminder");
+    }
+    let stored: i64 = db
+        .query_one("SELECT (SELECT count(*) FROM outbox.messages) + (SELECT count(*) FROM outbox.held_messages)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 8, "two orders, two reminders and a copy of each");
+}
+
+#[test]
 fn a_session_goes_on_enqueueing_after_the_extension_is_dropped_and_created_again() {
     let c = cluster();
     let mut db = c.client();

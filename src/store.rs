@@ -208,6 +208,9 @@ pub struct Batch {
     /// The window had more rows than the batch size: the next batch continues it.
     pub window_continues: bool,
     pub window_changed: bool,
+    /// A new window of a batch or more (a backlog) starts after this id: its lowest id less one,
+    /// found by a pass over every unsettled row.
+    pub backlog_starts_after: Option<i64>,
     /// Fresh messages of the window, in delivery order.
     pub fresh: Vec<OutboundMessage>,
     /// Held messages that are due: the oldest of each key, topic not paused.
@@ -332,7 +335,9 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
                 let first: Option<i64> =
                     run_plan("window_first_id", |plan| client.select(plan, Some(1), &args)?.first().get(1))?;
                 if let Some(first) = first {
-                    args[0] = first.saturating_sub(1).into();
+                    let after = first.saturating_sub(1);
+                    batch.backlog_starts_after = Some(after);
+                    args[0] = after.into();
                 }
             }
             if !new_window || backlog {

@@ -255,6 +255,7 @@ impl Worker {
         }
         let retry_count = batch.retries.len();
         let next_due_in = batch.next_due_in;
+        let backlog_starts_after = batch.backlog_starts_after;
         let plan = plan_batch(batch.retries, batch.fresh, &batch.blocked_keys, &batch.paused_topics);
         let mut settlement = Settlement {
             window: batch.window,
@@ -321,6 +322,7 @@ impl Worker {
                     return Next::Exit;
                 }
                 Err(BatchError::Unavailable(e)) => {
+                    keep_backlog_window(&settlement.window, backlog_starts_after);
                     self.broker_unavailable(&e);
                     return Next::Sleep(self.reconnect_delay());
                 }
@@ -331,9 +333,11 @@ impl Worker {
             log!("pg_outbox: the Kafka producer failed ({fatal}); recreating it and resending unacknowledged messages");
             self.sinks.clear();
             shmem::update(self.slot, |s| s.set_last_error(fatal));
+            keep_backlog_window(&settlement.window, backlog_starts_after);
             return Next::Continue;
         }
         if let Some(e) = &outcome.unavailable {
+            keep_backlog_window(&settlement.window, backlog_starts_after);
             self.broker_unavailable(e);
             // After messages timed out "possibly persisted", or when failures go on, start over with
             // a new producer (a new idempotent producer id): the batch is resent from the table
@@ -388,6 +392,22 @@ impl Worker {
             store::record(&settlement, guc::MAX_ATTEMPTS.get(), &backoff_table());
         }
     }
+}
+
+/// A batch that starts a new backlog window did not get through: records where the window
+/// starts, so that the next attempt goes on from there. Otherwise each attempt would read the
+/// window anew and pass over every unsettled row to find its lowest id, once per reconnect while
+/// the broker is down, over a backlog that grows all the while.
+fn keep_backlog_window(window: &str, starts_after: Option<i64>) {
+    let Some(after) = starts_after else { return };
+    let position = Settlement {
+        window: window.to_string(),
+        window_continues: true,
+        window_changed: true,
+        last_fresh_id: Some(after),
+        ..Settlement::default()
+    };
+    store::record(&position, guc::MAX_ATTEMPTS.get(), &backoff_table());
 }
 
 /// Turns delivery reports into what the record transaction writes.

@@ -97,6 +97,36 @@ fn a_broker_unreachable_at_start_gets_everything_once_it_is_up() {
 }
 
 #[test]
+fn a_backlog_waiting_for_an_unreachable_broker_keeps_its_place_between_attempts() {
+    let broker = PrivateBroker::reserve(BrokerKind::Kafka);
+    let c = Cluster::start(
+        &broker.bootstrap(),
+        "pg_outbox.batch_size = 5\npg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '1s'",
+    );
+    let topic = unique("backlog-outage");
+    // One commit of four batches: a backlog, whose window starts at its lowest id.
+    c.client()
+        .execute("SELECT outbox.enqueue_message($1, to_jsonb(i), key => 'k') FROM generate_series(0, 19) i", &[&topic])
+        .unwrap();
+    wait_for_broker_state(&mut c.client(), "unavailable", WAIT);
+    // The first failed attempt recorded where the window starts, so the attempts after it go on
+    // from there instead of looking for the window's first row among all unsettled ones again.
+    let row = c
+        .client()
+        .query_one(
+            "SELECT window_snapshot IS NOT NULL, window_last_id, (SELECT min(id) FROM outbox.messages)
+             FROM outbox.worker_state",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the backlog's window is recorded while the broker is down");
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(row.get::<_, i64>(2) - 1));
+    broker.resume();
+    assert_eq!(payloads(&read_topic(&broker.bootstrap(), &topic, 20, Duration::from_secs(60))), numbers(0..20));
+    assert!(c.wait_until_drained(WAIT));
+}
+
+#[test]
 fn a_broker_restart_mid_flow_loses_nothing_and_keeps_key_order() {
     let broker = PrivateBroker::start(BrokerKind::Kafka);
     let c =

@@ -126,32 +126,74 @@ fn on_state_row<'c>(
 /// The version of the extension's SQL objects this library works with.
 pub const SQL_VERSION: &str = "0.4.0";
 
+thread_local! {
+    /// The extension's OID last seen, and when its SQL objects were last found at SQL_VERSION.
+    /// A lookup costs two catalog reads (the OID by index, the version by SPI), which were a
+    /// twelfth of the worker's main thread per cycle under load (docs/BENCHMARKS.profile.md,
+    /// round 13); what was found is trusted until Postgres invalidates any relation (DROP
+    /// EXTENSION drops the outbox's tables) or for EXTENSION_TRUSTED at most (ALTER EXTENSION
+    /// UPDATE may change only functions, which no relation invalidation announces).
+    static EXTENSION: std::cell::Cell<(pg_sys::Oid, Option<std::time::Instant>)> =
+        const { std::cell::Cell::new((pg_sys::InvalidOid, None)) };
+    static EXTENSION_STALE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    static EXTENSION_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+const EXTENSION_TRUSTED: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn any_relation_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    EXTENSION_STALE.with(|s| s.set(true));
+}
+
 /// Whether the extension exists, holding a share lock on it for the rest of the transaction: a
 /// concurrent DROP EXTENSION then waits for this short transaction (or this one for it, and then
 /// sees the extension gone), instead of dropping the tables under a running query.
-/// The lock is taken on the extension last seen, then its OID is looked up once: the same OID
-/// means it is installed and locked (a lookup costs a catalog index scan, twice a cycle).
+/// The lock is taken on the extension last seen; taking it processes pending invalidations, so
+/// if nothing was invalidated meanwhile, the extension locked is the one there.
 fn extension_installed() -> bool {
-    thread_local! {
-        static LAST_SEEN: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
+    if !EXTENSION_CALLBACK.with(|c| c.replace(true)) {
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(any_relation_changed), pg_sys::Datum::from(0)) };
     }
-    let mut locked = LAST_SEEN.with(|l| l.get());
+    let (mut locked, current_since) = EXTENSION.with(|e| e.get());
+    lock_extension(locked);
+    if current_since.is_some_and(|t| t.elapsed() < EXTENSION_TRUSTED) && !EXTENSION_STALE.with(|s| s.get()) {
+        return true;
+    }
+    EXTENSION_STALE.with(|s| s.set(false));
     loop {
-        unsafe {
-            if locked != pg_sys::InvalidOid {
-                let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-                pg_sys::LockDatabaseObject(pg_sys::ExtensionRelationId, locked, 0, mode);
-            }
-            let oid = pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true);
-            LAST_SEEN.with(|l| l.set(oid));
-            if oid == locked {
-                return oid != pg_sys::InvalidOid;
-            }
-            // Dropped, or created anew since: lock what is there now and look again. (A lock on
-            // an OID that is gone is released with the transaction.)
-            locked = oid;
+        let oid = unsafe { pg_sys::get_extension_oid(c"pg_outbox".as_ptr(), true) };
+        if oid == locked {
+            EXTENSION.with(|e| e.set((oid, None)));
+            return oid != pg_sys::InvalidOid;
         }
+        // Dropped, or created anew since: lock what is there now and look again. (A lock on
+        // an OID that is gone is released with the transaction.)
+        locked = oid;
+        lock_extension(locked);
     }
+}
+
+fn lock_extension(oid: pg_sys::Oid) {
+    if oid != pg_sys::InvalidOid {
+        let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        unsafe { pg_sys::LockDatabaseObject(pg_sys::ExtensionRelationId, oid, 0, mode) };
+    }
+}
+
+/// The installed version of the extension's SQL objects if it is not the one this library works
+/// with. Only after extension_installed() said yes in this transaction.
+fn extension_outdated(client: &SpiClient) -> SpiResult<Option<String>> {
+    let (oid, current_since) = EXTENSION.with(|e| e.get());
+    if current_since.is_some() {
+        return Ok(None);
+    }
+    let version = extension_version(client)?;
+    if version != SQL_VERSION {
+        return Ok(Some(version));
+    }
+    EXTENSION.with(|e| e.set((oid, Some(std::time::Instant::now()))));
+    Ok(None)
 }
 
 /// The installed version of the extension's SQL objects.
@@ -249,8 +291,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
             return Work::DatabaseDropping;
         }
         Spi::connect(|client| -> SpiResult<Work> {
-            let version = extension_version(client)?;
-            if version != SQL_VERSION {
+            if let Some(version) = extension_outdated(client)? {
                 return Ok(Work::OutdatedExtension(version));
             }
             let mut batch = Batch::default();

@@ -2,7 +2,7 @@
 //! survives broker outages, DROP EXTENSION, DROP DATABASE, crashes and immediate shutdowns.
 use std::time::{Duration, Instant};
 
-use pg_outbox_tests::{payloads, read_topic, unique, BrokerKind, Cluster, PrivateBroker};
+use pg_outbox_tests::{payloads, read_topic, unique, wait_for, BrokerKind, Cluster, PrivateBroker};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -178,6 +178,23 @@ fn drop_extension_with_the_worker_attached_does_not_hang_and_create_brings_it_ba
     enqueue_numbers(&c, &topic, 0..3);
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
     assert!(!c.log().contains("PANIC"));
+}
+
+#[test]
+fn an_extension_recreated_at_an_older_version_while_the_worker_forwards_is_found_outdated() {
+    // The worker keeps what it found of the extension between cycles: dropping it must make the
+    // worker look again, even when it is created anew before the worker's next cycle.
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let topic = unique("before-recreate");
+    enqueue_numbers(&c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    c.client().batch_execute("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox VERSION '0.3.0'").unwrap();
+    wait_for("the worker to ask for the update", WAIT, || c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
+    c.client().batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
+    let topic = unique("after-recreate");
+    enqueue_numbers(&c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
 }
 
 #[test]

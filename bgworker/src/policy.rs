@@ -129,7 +129,11 @@ pub fn flush_before_sending(unflushed_deliveries: i64, sending: i64, batch_size:
 /// cycles the worker entered from a wait count: the batches of a catch-up (after a stall, or a
 /// backlog) follow one another at once and measure how fast a backlog drains, not how fast
 /// messages arrive. And a wakeup that came after the worker had been idle for longer than a
-/// cycle takes never waits, however busy the cycles before it were.
+/// cycle takes never waits, however busy the cycles before it were. Nor do messages arriving
+/// below BUSY_RATE, however long the cycles take: a cycle is long then because the broker is slow
+/// to acknowledge, what arrives meanwhile is carried by the next cycle anyway, and lingering
+/// would only add to the latency (at 1,000 commits/s a 20 ms linger took the bench's p99 from 16
+/// to 27 ms, docs/BENCHMARKS.profile.md round 14).
 #[derive(Debug, Clone)]
 pub struct Coalescing {
     /// Messages that arrived during one cycle's own work, averaged over about the last 8 cycles.
@@ -140,14 +144,20 @@ pub struct Coalescing {
     previous_read: Option<Instant>,
     /// How long the last cycle that sent something worked.
     work: Duration,
+    /// Messages read per cycle entered from a wait, and the time between such reads, averaged
+    /// apart (an average of per-cycle rates would be ruled by the shortest gaps).
+    messages: f64,
+    gap: f64,
 }
 
 impl Coalescing {
     /// This many messages per cycle, on average, mean they outpace the worker.
     const BUSY_AVERAGE: f64 = 6.0;
+    /// Messages a second below which the worker never lingers.
+    const BUSY_RATE: f64 = 2000.0;
 
     pub fn new() -> Self {
-        Coalescing { average: 0.0, previous_read: None, work: Duration::ZERO }
+        Coalescing { average: 0.0, previous_read: None, work: Duration::ZERO, messages: 0.0, gap: 0.0 }
     }
 
     /// Records a cycle entered from a wait that read `messages` (0 for a wakeup that found
@@ -157,9 +167,11 @@ impl Coalescing {
             self.work = done_at.saturating_duration_since(read_at);
         }
         if let Some(previous) = self.previous_read.filter(|&p| read_at > p) {
-            let rate = messages as f64 / (read_at - previous).as_secs_f64();
-            let arrived_during_work = rate * self.work.as_secs_f64();
+            let gap = (read_at - previous).as_secs_f64();
+            let arrived_during_work = messages as f64 / gap * self.work.as_secs_f64();
             self.average += (arrived_during_work.min(2.0 * Self::BUSY_AVERAGE) - self.average) / 8.0;
+            self.messages += (messages as f64 - self.messages) / 8.0;
+            self.gap += (gap - self.gap) / 8.0;
         }
         self.previous_read = Some(read_at);
     }
@@ -174,7 +186,8 @@ impl Coalescing {
     /// at all: `configured` while they outpace the cycles, none for a commit that comes alone
     /// (its latency is all there is).
     pub fn linger(&self, configured: Duration, idle: Duration) -> Option<Duration> {
-        (self.average >= Self::BUSY_AVERAGE && idle <= self.work && !configured.is_zero()).then_some(configured)
+        let busy = self.average >= Self::BUSY_AVERAGE && self.messages >= Self::BUSY_RATE * self.gap;
+        (busy && idle <= self.work && !configured.is_zero()).then_some(configured)
     }
 }
 
@@ -429,6 +442,15 @@ mod tests {
         assert!(lingered <= 8, "back to 1,000/s: a few cycles notice, then no lingering ({lingered} lingers)");
         run(&mut c, &mut clock, 1.0, 8000.0, work);
         assert_eq!(c.linger(Duration::ZERO, Duration::ZERO), None, "lingering turned off");
+    }
+
+    #[test]
+    fn slow_acknowledgements_at_a_moderate_rate_do_not_make_the_worker_linger() {
+        let (mut c, mut clock) = (Coalescing::new(), Instant::now());
+        let (lingered, longest_wait) = run(&mut c, &mut clock, 2.0, 1000.0, Duration::from_millis(12));
+        assert_eq!(lingered, 0, "1,000/s while each cycle waits 12 ms for the broker ({longest_wait:?})");
+        let (lingered, _) = run(&mut c, &mut clock, 1.0, 4000.0, Duration::from_millis(12));
+        assert!(lingered > 10, "4,000/s with the same cycles: they gather ({lingered} lingers)");
     }
 
     #[test]

@@ -1025,7 +1025,7 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
         sections.join(", "),
         if env.is_empty() { "defaults".to_string() } else { env.join(", ") },
         bench.batch_size,
-        bench.linger.map_or("`pg_outbox.linger` at its default (5 ms)".to_string(), |ms| format!("`pg_outbox.linger = {ms}ms`"))
+        bench.linger.map_or("`pg_outbox.linger` at its default (20 ms)".to_string(), |ms| format!("`pg_outbox.linger = {ms}ms`"))
     ));
     if !bench.notes.is_empty() {
         md.push_str("\n## Notes from this run\n\n");

@@ -139,8 +139,11 @@ impl Bench {
         text
     }
 
-    /// Runs pgbench until `done` holds (checked every 200 ms), then stops it with SIGINT and
-    /// returns what it printed meanwhile (its progress lines; there is no summary).
+    /// Runs pgbench until `done` holds (checked every 200 ms), then stops it with SIGTERM and
+    /// returns what it printed meanwhile (its progress lines; there is no summary). Not SIGINT:
+    /// a command a non-interactive shell starts in the background ignores SIGINT, and so does
+    /// everything it runs (`make bench &` ran the sustained section to pgbench's own count,
+    /// twice the messages asked for).
     fn pgbench_until(&self, script: &str, args: &[&str], done: impl Fn() -> bool) -> String {
         let mut child = self
             .pgbench_command(script, args)
@@ -168,7 +171,7 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let _ = child.wait();
         format!("{}{}", stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default())
     }

@@ -17,6 +17,13 @@ fn numbers(n: std::ops::Range<i32>) -> Vec<String> {
     n.map(|i| i.to_string()).collect()
 }
 
+/// Three messages enqueued to a new topic reach it, in order.
+fn assert_forwards(c: &Cluster, bootstrap: &str, topic: &str) {
+    let topic = unique(topic);
+    enqueue_numbers(c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(bootstrap, &topic, 3, WAIT)), numbers(0..3), "on {topic}");
+}
+
 #[test]
 fn the_worker_and_launcher_show_in_pg_stat_activity() {
     let c = Cluster::start(&BrokerKind::Kafka.shared_bootstrap(), "");
@@ -52,9 +59,7 @@ fn sigterm_stops_the_worker_promptly_and_the_launcher_starts_it_again() {
     let new_pid = c.worker_pid(WAIT).expect("the launcher restarts the worker");
     assert_ne!(new_pid, pid);
     eprintln!("stopped {stopped_in:?} after SIGTERM, back after {:?}", sent.elapsed());
-    let topic = unique("after-sigterm");
-    enqueue_numbers(&c, &topic, 0..3);
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert_forwards(&c, &bootstrap, "after-sigterm");
     // The worker's figures outlive the worker process.
     assert!(c.wait_until_drained(WAIT));
     std::thread::sleep(Duration::from_millis(300));
@@ -174,9 +179,7 @@ fn drop_extension_with_the_worker_attached_does_not_hang_and_create_brings_it_ba
     assert!(started.elapsed() < Duration::from_secs(5), "DROP EXTENSION took {:?}", started.elapsed());
     std::thread::sleep(Duration::from_secs(1));
     c.client().batch_execute("CREATE EXTENSION pg_outbox").unwrap();
-    let topic = unique("recreated");
-    enqueue_numbers(&c, &topic, 0..3);
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert_forwards(&c, &bootstrap, "recreated");
     assert!(!c.log().contains("PANIC"));
 }
 
@@ -186,15 +189,11 @@ fn an_extension_recreated_at_an_older_version_while_the_worker_forwards_is_found
     // worker look again, even when it is created anew before the worker's next cycle.
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     let c = Cluster::start(&bootstrap, "");
-    let topic = unique("before-recreate");
-    enqueue_numbers(&c, &topic, 0..3);
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert_forwards(&c, &bootstrap, "before-recreate");
     c.client().batch_execute("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox VERSION '0.3.0'").unwrap();
     wait_for("the worker to ask for the update", WAIT, || c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
     c.client().batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
-    let topic = unique("after-recreate");
-    enqueue_numbers(&c, &topic, 0..3);
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert_forwards(&c, &bootstrap, "after-recreate");
 }
 
 #[test]
@@ -204,9 +203,7 @@ fn an_extension_created_after_server_start_is_picked_up() {
     assert!(c.worker_pid(WAIT).is_some(), "the worker waits in the database");
     std::thread::sleep(Duration::from_secs(1));
     c.client().batch_execute("CREATE EXTENSION pg_outbox").unwrap();
-    let topic = unique("created-later");
-    enqueue_numbers(&c, &topic, 0..3);
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert_forwards(&c, &bootstrap, "created-later");
 }
 
 #[test]
@@ -221,9 +218,7 @@ fn drop_database_is_not_blocked_and_other_databases_keep_forwarding() {
     c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
     eprintln!("DROP DATABASE took {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(5));
-    let topic = unique("survivor");
-    enqueue_numbers(&c, &topic, 0..3);
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert_forwards(&c, &bootstrap, "survivor");
     // The database comes back: so does its worker.
     c.client_for("postgres").batch_execute("CREATE DATABASE scratch").unwrap();
     assert!(c.worker_pid_of("scratch", WAIT).is_some());

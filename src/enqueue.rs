@@ -159,7 +159,7 @@ unsafe fn text_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
 /// A JSON payload as the UTF-8 text Kafka receives, as a bytea: jsonb's own text form, written
 /// straight after a varlena header (no copy), and converted if the database encoding is not UTF-8.
 /// Allocated in the current memory context.
-unsafe fn json_text(datum: pg_sys::Datum) -> *mut pg_sys::varlena {
+pub(crate) unsafe fn json_text(datum: pg_sys::Datum) -> *mut pg_sys::varlena {
     let jsonb = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::Jsonb;
     let mut out: pg_sys::StringInfoData = std::mem::zeroed();
     pg_sys::initStringInfo(&mut out);

@@ -5,6 +5,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod direct;
 mod enqueue;
 mod guc;
 mod launcher;

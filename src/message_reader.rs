@@ -166,7 +166,7 @@ pub fn utf8(bytes: Vec<u8>) -> String {
 }
 
 /// A copy of a text or bytea value's bytes, detoasted if need be.
-unsafe fn varlena_bytes(datum: pg_sys::Datum) -> Vec<u8> {
+pub(crate) unsafe fn varlena_bytes(datum: pg_sys::Datum) -> Vec<u8> {
     let original = datum.cast_mut_ptr::<pg_sys::varlena>();
     let detoasted = pg_sys::pg_detoast_datum_packed(original);
     let bytes = pgrx::varlena::varlena_to_byte_slice(detoasted).to_vec();

@@ -408,14 +408,29 @@ unsafe fn write(rel: pg_sys::Relation, table: &SlotTable, row: &MessageRow) -> i
 
     let tuple = pg_sys::heap_form_tuple((*rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
     pg_sys::heap_insert(rel, tuple, pg_sys::GetCurrentCommandId(true), 0, std::ptr::null_mut());
-    for &index_oid in &table.indexes[..table.index_count] {
+    insert_index_entries(rel, &table.indexes[..table.index_count], &values, &nulls, &mut (*tuple).t_self);
+    pg_sys::heap_freetuple(tuple);
+    id
+}
+
+/// Writes the entries of the row at `tid` (its columns `values` and `nulls`) into `indexes` of
+/// `rel`, as the executor does after a heap insert or a non-HOT update. Plain column indexes only:
+/// the callers made sure there is no expression, predicate or deferred constraint.
+pub(crate) unsafe fn insert_index_entries(
+    rel: pg_sys::Relation,
+    indexes: &[Oid],
+    values: &[Datum],
+    nulls: &[bool],
+    tid: pg_sys::ItemPointer,
+) {
+    for &index_oid in indexes {
         let index = pg_sys::index_open(index_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let info = pg_sys::BuildIndexInfo(index);
         // An index being built concurrently takes entries only once it is ready for them.
         if (*info).ii_ReadyForInserts {
             let mut key_values = [Datum::from(0); MAX_ATTS];
             let mut key_nulls = [true; MAX_ATTS];
-            for k in 0..(*info).ii_NumIndexAttrs as usize {
+            for k in 0..((*info).ii_NumIndexAttrs as usize).min(MAX_ATTS) {
                 let att = (*info).ii_IndexAttrNumbers[k] as usize - 1;
                 key_values[k] = values[att];
                 key_nulls[k] = nulls[att];
@@ -425,19 +440,8 @@ unsafe fn write(rel: pg_sys::Relation, table: &SlotTable, row: &MessageRow) -> i
             } else {
                 pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
             };
-            pg_sys::index_insert(
-                index,
-                key_values.as_mut_ptr(),
-                key_nulls.as_mut_ptr(),
-                &mut (*tuple).t_self,
-                rel,
-                unique,
-                false,
-                info,
-            );
+            pg_sys::index_insert(index, key_values.as_mut_ptr(), key_nulls.as_mut_ptr(), tid, rel, unique, false, info);
         }
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
-    pg_sys::heap_freetuple(tuple);
-    id
 }

@@ -9,7 +9,7 @@ use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
-use pg_outbox_bgworker::{flush_before_sending, OutboundMessage, TopicCount};
+use pg_outbox_bgworker::{flush_before_sending, OutboundMessage, SnapshotBounds, TopicCount};
 
 use crate::message_reader;
 
@@ -144,6 +144,7 @@ const EXTENSION_TRUSTED: std::time::Duration = std::time::Duration::from_secs(1)
 #[pg_guard]
 unsafe extern "C-unwind" fn any_relation_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
     EXTENSION_STALE.with(|s| s.set(true));
+    crate::direct::relations_changed();
 }
 
 /// Whether the extension exists, holding a share lock on it for the rest of the transaction: a
@@ -232,6 +233,57 @@ pub fn database_drop_pending() -> bool {
     }
 }
 
+/// What worker_state and the small tables beside it say at the start of a cycle.
+pub struct CycleState {
+    /// The watermark: every message of a transaction visible in it is settled.
+    pub done: SnapshotBounds,
+    /// The window being forwarded, or for a new one the transaction's snapshot (text form).
+    pub window: String,
+    pub new_window: bool,
+    /// The last id of the window already taken (-1: none).
+    pub last_id: i64,
+    pub current_slot: i16,
+    pub paused_topics: Vec<String>,
+    pub destinations_exist: bool,
+    pub held_exist: bool,
+}
+
+/// The cycle's state through a statement: when `direct` cannot read it (a database that is not
+/// UTF-8, tables not as the extension made them, a state row that moved).
+fn read_state(client: &SpiClient) -> SpiResult<CycleState> {
+    let names = ["read_state", "read_state_scan"];
+    prepare_on_state_row(
+        client,
+        names,
+        "SELECT done_snapshot::text,
+                coalesce(window_snapshot, pg_current_snapshot())::text,
+                window_snapshot IS NULL,
+                coalesce(window_last_id, -1),
+                current_slot,
+                ARRAY(SELECT topic FROM outbox.topics WHERE paused),
+                EXISTS (SELECT 1 FROM outbox.destinations),
+                EXISTS (SELECT 1 FROM outbox.held_messages),
+                ctid::text
+         FROM outbox.worker_state {row}",
+        &[],
+    )?;
+    let state = on_state_row(names, |plan, ctid| client.select(plan, Some(1), &[ctid.into()]))?;
+    let done: String = state.get(1)?.unwrap_or_default();
+    let Some(done) = SnapshotBounds::parse(&done) else {
+        error!("pg_outbox worker: the done snapshot \"{done}\" cannot be read");
+    };
+    Ok(CycleState {
+        done,
+        window: state.get(2)?.unwrap_or_default(),
+        new_window: state.get(3)?.unwrap_or(true),
+        last_id: state.get(4)?.unwrap_or(-1),
+        current_slot: state.get(5)?.unwrap_or(0),
+        paused_topics: state.get(6)?.unwrap_or_default(),
+        destinations_exist: state.get(7)?.unwrap_or(false),
+        held_exist: state.get(8)?.unwrap_or(false),
+    })
+}
+
 /// What one read transaction found.
 // One per cycle, moved once: boxing the batch would save nothing.
 #[allow(clippy::large_enum_variant)]
@@ -296,37 +348,16 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
             }
             let mut batch = Batch::default();
             let columns = message_reader::columns(false);
-            // Everything a cycle needs to know besides the messages, in one statement.
-            let names = ["read_state", "read_state_scan"];
-            prepare_on_state_row(
-                client,
-                names,
-                "SELECT pg_snapshot_xmax(done_snapshot)::text,
-                        ARRAY(SELECT pg_snapshot_xip(done_snapshot)::text),
-                        coalesce(window_snapshot, pg_current_snapshot())::text,
-                        window_snapshot IS NULL,
-                        coalesce(window_last_id, -1),
-                        current_slot,
-                        ARRAY(SELECT topic FROM outbox.topics WHERE paused),
-                        EXISTS (SELECT 1 FROM outbox.destinations),
-                        EXISTS (SELECT 1 FROM outbox.held_messages),
-                        ctid::text
-                 FROM outbox.worker_state {row}",
-                &[],
-            )?;
-            let state = on_state_row(names, |plan, ctid| client.select(plan, Some(1), &[ctid.into()]))?;
-            batch.window = state.get(3)?.unwrap_or_default();
-            batch.current_slot = state.get(6)?.unwrap_or(0);
-            let paused: Vec<String> = state.get(7)?.unwrap_or_default();
-            batch.paused_topics.extend(paused);
-            let (done_xmax, done_xip, mut new_window, mut last_id, destinations_exist, held_exist) = (
-                state.get::<String>(1)?.unwrap_or_default(),
-                state.get::<Vec<String>>(2)?.unwrap_or_default(),
-                state.get::<bool>(4)?.unwrap_or(true),
-                state.get::<i64>(5)?.unwrap_or(-1),
-                state.get::<bool>(8)?.unwrap_or(false),
-                state.get::<bool>(9)?.unwrap_or(false),
-            );
+            let known = STATE_CTID.with(|c| c.borrow().clone());
+            let state = match crate::direct::cycle_state(&known) {
+                Some(state) => state,
+                None => read_state(client)?,
+            };
+            batch.window = state.window;
+            batch.current_slot = state.current_slot;
+            batch.paused_topics.extend(state.paused_topics);
+            let (mut new_window, mut last_id) = (state.new_window, state.last_id);
+            let (destinations_exist, held_exist) = (state.destinations_exist, state.held_exist);
             if let Some(position) = after {
                 batch.window = position.window.clone();
                 last_id = position.last_id;
@@ -340,22 +371,32 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
             // xmax and xip, the window, the batch size.
             let unsettled = "(txid >= (SELECT $2::xid8) OR txid = ANY ((SELECT $3::xid8[])::xid8[]))
                              AND pg_visible_in_snapshot(txid, (SELECT $4::pg_snapshot))";
-            let mut args =
-                [last_id.into(), done_xmax.into(), done_xip.into(), batch.window.clone().into(), batch_size.into()];
+            let done_xip: Vec<String> = state.done.xip.iter().map(u64::to_string).collect();
+            let mut args = [
+                last_id.into(),
+                state.done.xmax.to_string().into(),
+                done_xip.into(),
+                batch.window.clone().into(),
+                batch_size.into(),
+            ];
             let mut fresh = Vec::new();
             if new_window {
                 // In steady state a new window is a few rows: read whole, through the txid index,
-                // and ordered here. (No `id > $1`: nothing is taken yet, and with it the planner
-                // walked the id index through every row stored, 35 ms a cycle with 30,000 rows in
-                // a slot.) Planned once (a generic plan; see the worker's planner settings), it
-                // costs microseconds instead of a planning of four partitions per commit.
-                fresh = message_reader::select_messages(
-                    "read_new_window",
-                    &format!("SELECT {columns} FROM outbox.messages WHERE {unsettled} LIMIT $5"),
-                    &args,
-                    false,
-                    (batch_size as usize).min(256),
-                );
+                // and ordered here; straight through the index where it can be (`direct`).
+                // (No `id > $1`: nothing is taken yet, and with it the planner walked the id
+                // index through every row stored, 35 ms a cycle with 30,000 rows in a slot.)
+                // Planned once (a generic plan; see the worker's planner settings), the
+                // statement costs microseconds instead of a planning of four partitions per commit.
+                fresh = match crate::direct::new_window(&state.done, batch_size.max(0) as usize) {
+                    Some(messages) => messages,
+                    None => message_reader::select_messages(
+                        "read_new_window",
+                        &format!("SELECT {columns} FROM outbox.messages WHERE {unsettled} LIMIT $5"),
+                        &args,
+                        false,
+                        (batch_size as usize).min(256),
+                    ),
+                };
                 fresh.sort_unstable_by_key(|m| m.id);
             }
             let backlog = new_window && fresh.len() as i64 >= batch_size;
@@ -539,6 +580,23 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
         // Dropped since the batch was read: nothing left to record.
         if !extension_installed() {
             return;
+        }
+        // Most cycles only advance the watermark: straight into the state row where it can be.
+        let only_watermark = s.hold_fresh.is_empty()
+            && s.delivered_held.is_empty()
+            && s.refused_held.is_empty()
+            && s.topic_counts.is_empty();
+        if only_watermark && !s.window_changed {
+            return;
+        }
+        if only_watermark {
+            let known = STATE_CTID.with(|c| c.borrow().clone());
+            let moved =
+                crate::direct::advance_watermark(&known, &s.window, s.window_continues, s.last_fresh_id, s.delivered);
+            if let Some(ctid) = moved {
+                STATE_CTID.with(|c| *c.borrow_mut() = ctid);
+                return;
+            }
         }
         Spi::connect_mut(|client| -> SpiResult<()> {
             if !s.hold_fresh.is_empty() {

@@ -9,6 +9,7 @@ pub mod message;
 pub mod plan;
 pub mod policy;
 pub mod sink;
+pub mod text_forms;
 
 pub use counters::{TopicCount, TopicCounters};
 pub use message::{parse_headers, OutboundMessage};
@@ -17,3 +18,4 @@ pub use policy::{
     flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, Rebootstrap, SendFailure,
 };
 pub use sink::{parse_properties, BatchError, KafkaSink, SinkConfig};
+pub use text_forms::SnapshotBounds;

@@ -141,3 +141,46 @@ fn a_window_of_several_batches_is_delivered_whole_from_its_lowest_id_in_key_orde
         assert_eq!(ns, (0..20).collect::<Vec<_>>(), "key {key} in order");
     }
 }
+
+#[test]
+fn tables_rewritten_and_a_state_row_moved_under_the_worker_lose_nothing_and_stop_nothing() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let topic = unique("rewritten");
+    let worker = c.worker_pid(Duration::from_secs(30)).expect("the worker runs");
+    let writer = {
+        let (dsn, topic) = (c.dsn("shop"), topic.clone());
+        std::thread::spawn(move || {
+            let mut db = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
+            let started = Instant::now();
+            let mut n = 0;
+            while started.elapsed() < Duration::from_secs(5) {
+                db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&topic, &n]).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    // Meanwhile the worker's state row goes to a new file and moves by hand, and the slots'
+    // indexes are rebuilt: what the worker remembered of where they are no longer holds.
+    let mut db = c.client();
+    let mut rounds = 0;
+    while !writer.is_finished() {
+        for statement in [
+            "VACUUM FULL outbox.worker_state",
+            "UPDATE outbox.worker_state SET delivered_total = delivered_total",
+            "VACUUM FULL outbox.topics",
+            "REINDEX TABLE outbox.messages",
+        ] {
+            db.batch_execute(statement).unwrap();
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let total: i32 = writer.join().unwrap();
+    assert!(rounds >= 3, "only {rounds} rewrites while the writer ran");
+    let records = read_topic(&bootstrap, &topic, total as usize, Duration::from_secs(60));
+    let ns: Vec<i64> = records.iter().map(|r| r.json().as_i64().unwrap()).collect();
+    assert_eq!(ns, (0..total as i64).collect::<Vec<_>>(), "every message once, in order");
+    assert_eq!(c.worker_pid(Duration::from_secs(5)), Some(worker), "the worker never stopped");
+}

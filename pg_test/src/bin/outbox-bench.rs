@@ -337,7 +337,11 @@ impl Bench {
         self.pgbench(&script, &["-c", "4", "-j", "2", "-R", &rate, "-T", "5"]);
         self.settle_writes();
         let probe = LatencyProbe::start(&self.broker.bootstrap(), "bench.latency");
-        self.pgbench(&script, &["-c", "4", "-j", "2", "-R", &rate, "-T", &seconds.to_string()]);
+        // pgbench logs each transaction's own duration: the database's tail at this rate, before
+        // anything is forwarded.
+        let log_prefix = self.cluster.dir.parent().expect("dir").join(format!("latency-tx-{}", std::process::id()));
+        let log_prefix_arg = format!("--log-prefix={}", log_prefix.display());
+        self.pgbench(&script, &["-c", "4", "-j", "2", "-R", &rate, "-T", &seconds.to_string(), "-l", &log_prefix_arg]);
         std::thread::sleep(Duration::from_secs(2));
         let l = probe.finish();
         println!(
@@ -348,6 +352,27 @@ impl Bench {
         self.results.insert("latency_p99_ms".into(), l.p99);
         self.results.insert("latency_max_ms".into(), l.max);
         self.results.insert("latency_append_p99_ms".into(), l.append_p99);
+        let mut transactions = pgbench_logged_ms(&log_prefix);
+        transactions.sort_by(f64::total_cmp);
+        let (tx_p50, tx_p99) = (percentile(&transactions, 0.5), percentile(&transactions, 0.99));
+        println!("    the transactions themselves (pgbench's log): p50 {tx_p50:.1} ms, p99 {tx_p99:.1} ms");
+        self.results.insert("latency_tx_p50_ms".into(), tx_p50);
+        self.results.insert("latency_tx_p99_ms".into(), tx_p99);
+
+        step(&format!("latency: raw rdkafka producer at {rate} msg/s for {seconds} s (after 5 s unmeasured)"));
+        let bootstrap = self.broker.bootstrap();
+        let rate_per_s: f64 = rate.parse().unwrap_or(1000.0);
+        // One producer for both runs: a new one holds its first messages until it has the
+        // topic's metadata (about 200 ms here), which alone made a p99.
+        let producer = PacedProducer::new(&bootstrap);
+        producer.run("bench.raw_latency", rate_per_s, Duration::from_secs(5));
+        let probe = LatencyProbe::start(&bootstrap, "bench.raw_latency");
+        producer.run("bench.raw_latency", rate_per_s, Duration::from_secs(seconds as u64));
+        std::thread::sleep(Duration::from_secs(2));
+        let raw = probe.finish();
+        println!("    p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", raw.p50, raw.p99, raw.max);
+        self.results.insert("raw_broker_latency_p50_ms".into(), raw.p50);
+        self.results.insert("raw_broker_latency_p99_ms".into(), raw.p99);
 
         step(&format!("latency: scheme-2 relay polling every 100 ms, at {rate} tx/s for {seconds} s"));
         self.settle_writes();
@@ -732,6 +757,85 @@ fn raw_produce(bootstrap: &str, topic: &str, n: usize, with_header: bool) {
     assert_eq!(acks.errors.load(Ordering::Relaxed), 0, "the raw producer's messages were refused");
 }
 
+/// Sends `{"t": <now>, "pad": ...}` records (the latency section's payload) at a steady rate, each
+/// handed to the broker at once (`linger.ms` 0, as pg_outbox's flush does), with random keys: the
+/// broker's and the consumer's own share of a commit-to-consumer latency.
+struct PacedProducer {
+    producer: ThreadedProducer<AckCounter>,
+    acks: Arc<Acks>,
+}
+
+impl PacedProducer {
+    fn new(bootstrap: &str) -> PacedProducer {
+        let acks = Arc::new(Acks { count: AtomicU64::new(0), errors: AtomicU64::new(0) });
+        let producer = producer_config(bootstrap)
+            .set("linger.ms", "0")
+            .create_with_context(AckCounter(acks.clone()))
+            .expect("paced producer");
+        PacedProducer { producer, acks }
+    }
+
+    /// Sends at `rate` a second for `duration`, then waits for every acknowledgement.
+    fn run(&self, topic: &str, rate: f64, duration: Duration) {
+        let pad = "x".repeat(230);
+        let before = self.acks.count.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < duration {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let key = (sent.wrapping_mul(2_654_435_761) % 100_000).to_string();
+            let body = format!("{{\"t\": {}, \"pad\": \"{pad}\"}}", now_s());
+            let mut record = BaseRecord::to(topic).key(&key).payload(&body).headers(message_id_header(sent + 1));
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            sent += 1;
+        }
+        while self.acks.count.load(Ordering::Relaxed) + self.acks.errors.load(Ordering::Relaxed) < before + sent {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(self.acks.errors.load(Ordering::Relaxed), 0, "the paced producer's messages were refused");
+    }
+}
+
+/// The durations (ms) of the transactions pgbench logged under `prefix` (`-l --log-prefix`, one
+/// file per thread, the third field in microseconds); the files are removed.
+fn pgbench_logged_ms(prefix: &std::path::Path) -> Vec<f64> {
+    let (Some(dir), Some(name)) = (prefix.parent(), prefix.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let mut durations = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(name) {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        durations.extend(
+            text.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()).map(|us| us / 1000.0),
+        );
+        let _ = std::fs::remove_file(entry.path());
+    }
+    durations
+}
+
+/// The `q` quantile of sorted `values` (0 for none).
+fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values[((values.len() - 1) as f64 * q) as usize]
+    }
+}
+
 /// Scheme 2: a relay process polling a plain table.
 struct Relay {
     db: postgres::Client,
@@ -878,12 +982,11 @@ impl LatencyProbe {
         let (mut received, mut appended) = self.handle.join().unwrap_or_default();
         received.sort_by(f64::total_cmp);
         appended.sort_by(f64::total_cmp);
-        let p = |l: &[f64], q: f64| if l.is_empty() { 0.0 } else { l[((l.len() - 1) as f64 * q) as usize] };
         Latencies {
-            p50: p(&received, 0.5),
-            p99: p(&received, 0.99),
-            max: p(&received, 1.0),
-            append_p99: p(&appended, 0.99),
+            p50: percentile(&received, 0.5),
+            p99: percentile(&received, 0.99),
+            max: percentile(&received, 1.0),
+            append_p99: percentile(&appended, 0.99),
         }
     }
 }
@@ -920,6 +1023,7 @@ fn main() {
             "bench.drain",
             "bench.relay",
             "bench.latency",
+            "bench.raw_latency",
             "bench.relay_latency",
             "bench.sustained",
             "bench.xmin",
@@ -1024,7 +1128,7 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
     let env: Vec<String> =
         std::env::vars().filter(|(k, _)| k.starts_with("BENCH_")).map(|(k, v)| format!("`{k}={v}`")).collect();
     md.push_str(&format!(
-        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, {}.\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains). Every forwarder delivers the same records: pg_outbox puts a `pg_outbox_message_id` header on each (the id consumers drop redeliveries by), Debezium's Outbox Event Router an `id` header, and the raw producer and the relay send a `pg_outbox_message_id` header of the same shape. `raw_broker_headerless_msgs_per_s` is the raw producer without it, lighter records than any of the forwarders send (`drain_vs_raw_headerless`, for reference).\n- Drain: first an uncounted warm-up of the broker (the raw producer, the same number of messages). pg_outbox's backlog is written while its worker points at a port nobody listens on (`pg_outbox.kafka_bootstrap_servers`, reloaded), then pointed back: the broker stays up and warm, as the raw producer and the relay meet it.\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures.\n- Sustained: each of the 8 clients is given more transactions than its share and pgbench is stopped once the orders table has grown by the whole count, so every client runs until the end (with a count per client they finish one after another, and the last minute measured fewer of them). `sustained_messages` is the count delivered, a few hundred over.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`; parts: `BENCH_SECTIONS=enqueue,drain,latency,debezium,sustained,xmin`; the worker's linger for an experiment: `BENCH_LINGER_MS=20`).\n",
+        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, {}.\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains). Every forwarder delivers the same records: pg_outbox puts a `pg_outbox_message_id` header on each (the id consumers drop redeliveries by), Debezium's Outbox Event Router an `id` header, and the raw producer and the relay send a `pg_outbox_message_id` header of the same shape. `raw_broker_headerless_msgs_per_s` is the raw producer without it, lighter records than any of the forwarders send (`drain_vs_raw_headerless`, for reference).\n- Drain: first an uncounted warm-up of the broker (the raw producer, the same number of messages). pg_outbox's backlog is written while its worker points at a port nobody listens on (`pg_outbox.kafka_bootstrap_servers`, reloaded), then pointed back: the broker stays up and warm, as the raw producer and the relay meet it.\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures. Two references from the same section show this machine's own tail at that rate: `latency_tx_*` is the duration of the transactions themselves, from pgbench's log (`-l`) of the measured run, and `raw_broker_latency_*` a standalone rdkafka producer sending the same records at the same rate, each at once (`linger.ms=0`, as pg_outbox's flush does), to the same consumer, from the send instead of a commit.\n- Sustained: each of the 8 clients is given more transactions than its share and pgbench is stopped once the orders table has grown by the whole count, so every client runs until the end (with a count per client they finish one after another, and the last minute measured fewer of them). `sustained_messages` is the count delivered, a few hundred over.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`; parts: `BENCH_SECTIONS=enqueue,drain,latency,debezium,sustained,xmin`; the worker's linger for an experiment: `BENCH_LINGER_MS=20`).\n",
         sections.join(", "),
         if env.is_empty() { "defaults".to_string() } else { env.join(", ") },
         bench.batch_size,

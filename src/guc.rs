@@ -10,7 +10,7 @@ pub static KAFKA_PROPERTIES: GucSetting<Option<CString>> = GucSetting::<Option<C
 pub static MAX_MESSAGE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
-pub static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(20);
+pub static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
 pub static CREATE_TOPICS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static TOPIC_REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(-1);
@@ -77,7 +77,7 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_outbox.linger",
-        c"How long the worker lets messages gather before reading them, once they come faster than it forwards them cycle by cycle.",
+        c"How long the worker lets messages gather before reading them, once they arrive at 2,000 a second or more.",
         c"Fewer, larger batches cost the worker and the broker less per message and add up to this much latency under load; a trickle is forwarded at once. 0 never waits.",
         &LINGER_MS,
         0,

@@ -117,47 +117,81 @@ pub fn flush_before_sending(unflushed_deliveries: i64, sending: i64, batch_size:
     unflushed_deliveries > 0 && unflushed_deliveries + sending > batch_size
 }
 
-/// Fewer, larger batches when messages come faster than the worker cycles.
+/// Fewer, larger batches when messages come at a busy rate.
 ///
 /// Each cycle has a fixed cost (two short transactions, a produce request, a broker round trip).
-/// At a few thousand messages a second every commit wakes the worker and each cycle carries a
-/// handful of messages, so that fixed cost is paid hundreds of times a second, by the worker and
-/// by the broker, on the cores the writers need. Once more messages arrive during a cycle's own
-/// work than a trickle would bring, the worker lets them gather for a moment after it is woken,
-/// as a Kafka producer's `linger.ms` does. What decides is the arrival rate times the time a
-/// cycle takes without lingering, so lingering does not by itself keep lingering going. Only
-/// cycles the worker entered from a wait count: the batches of a catch-up (after a stall, or a
-/// backlog) follow one another at once and measure how fast a backlog drains, not how fast
-/// messages arrive. And a wakeup that came after the worker had been idle for longer than a
-/// cycle takes never waits, however busy the cycles before it were. Nor do messages arriving
-/// below BUSY_RATE, however long the cycles take: a cycle is long then because the broker is slow
-/// to acknowledge, what arrives meanwhile is carried by the next cycle anyway, and lingering
-/// would only add to the latency (at 1,000 commits/s a 20 ms linger took the bench's p99 from 16
-/// to 27 ms, docs/BENCHMARKS.profile.md round 14).
+/// Without lingering the worker cycles back to back at any rate above a few hundred messages a
+/// second, every cycle carrying a handful, so that fixed cost is paid hundreds of times a second,
+/// by the worker and by the broker, on the cores the writers need: at 2,500 commits/s about 700
+/// cycles a second, up to 185 us of CPU per message between the two, almost half a core
+/// (docs/BENCHMARKS.profile.md, round 15). Once messages arrive at BUSY_RATE or more, the
+/// worker lets them gather for a moment after it is woken, as a Kafka producer's `linger.ms`
+/// does. The rate is averaged twice, over about the last 32 and the last 4 cycles, and both must
+/// reach it: the long average keeps the random bursts of a moderate rate from setting it off (at
+/// 1,500/s a single 8-cycle average crossed 2,000/s for 391 of 40,000 cycles a minute, each a
+/// linger, in a simulation of Poisson arrivals), the short one ends it within a few cycles after
+/// a burst. Only cycles the worker entered from a wait count: the batches of a catch-up (after a
+/// stall, or a backlog) follow one another at once and measure how fast a backlog drains, not how
+/// fast messages arrive. A wakeup that came after the worker had been idle for longer than a
+/// cycle takes never waits, however busy the cycles before it were. Lingering does not change the
+/// rate measured, so it does not keep itself going. A pause of half a second starts the averages
+/// over, and lingering waits for eight cycles of them. Below BUSY_RATE nothing waits: at 1,000
+/// commits/s a 20 ms linger took the bench's p99 from 16 to 27 ms (round 14).
 #[derive(Debug, Clone)]
 pub struct Coalescing {
-    /// Messages that arrived during one cycle's own work, averaged over about the last 8 cycles.
-    /// Each cycle counts as at most twice the busy mark, so a burst is forgotten in about as many
-    /// cycles (six) as it takes to be noticed.
-    average: f64,
     /// When the last cycle entered from a wait read; None after a cycle that went on at once.
     previous_read: Option<Instant>,
     /// How long the last cycle that sent something worked.
     work: Duration,
-    /// Messages read per cycle entered from a wait, and the time between such reads, averaged
-    /// apart (an average of per-cycle rates would be ruled by the shortest gaps).
+    /// The arrival rate, over about the last 32 and the last 4 cycles entered from a wait since
+    /// the worker was last idle for a while, and how many cycles that is.
+    long: RateAverage,
+    short: RateAverage,
+    observed: u32,
+}
+
+/// Messages read per cycle and the time between reads, averaged apart (an average of per-cycle
+/// rates would be ruled by the shortest gaps), each cycle weighing 1/`cycles`.
+#[derive(Debug, Clone)]
+struct RateAverage {
+    cycles: f64,
     messages: f64,
     gap: f64,
 }
 
+impl RateAverage {
+    fn new(cycles: f64) -> Self {
+        RateAverage { cycles, messages: 0.0, gap: 0.0 }
+    }
+
+    fn add(&mut self, messages: usize, gap: f64) {
+        self.messages += (messages as f64 - self.messages) / self.cycles;
+        self.gap += (gap - self.gap) / self.cycles;
+    }
+
+    fn at_least(&self, per_second: f64) -> bool {
+        self.gap > 0.0 && self.messages >= per_second * self.gap
+    }
+}
+
 impl Coalescing {
-    /// This many messages per cycle, on average, mean they outpace the worker.
-    const BUSY_AVERAGE: f64 = 6.0;
-    /// Messages a second below which the worker never lingers.
+    /// Messages a second from which the worker lingers.
     const BUSY_RATE: f64 = 2000.0;
+    /// A wait this long between two reads starts the averages over: whatever rate came before
+    /// is over. (Longer than any linger one would set.)
+    const IDLE: Duration = Duration::from_millis(500);
+    /// Cycles after such a start before the averages are trusted: both start at zero, and their
+    /// ratio is the rate from the first cycle on, but a rate of a few cycles is a guess.
+    const TRUSTED_AFTER: u32 = 8;
 
     pub fn new() -> Self {
-        Coalescing { average: 0.0, previous_read: None, work: Duration::ZERO, messages: 0.0, gap: 0.0 }
+        Coalescing {
+            previous_read: None,
+            work: Duration::ZERO,
+            long: RateAverage::new(32.0),
+            short: RateAverage::new(4.0),
+            observed: 0,
+        }
     }
 
     /// Records a cycle entered from a wait that read `messages` (0 for a wakeup that found
@@ -167,11 +201,14 @@ impl Coalescing {
             self.work = done_at.saturating_duration_since(read_at);
         }
         if let Some(previous) = self.previous_read.filter(|&p| read_at > p) {
-            let gap = (read_at - previous).as_secs_f64();
-            let arrived_during_work = messages as f64 / gap * self.work.as_secs_f64();
-            self.average += (arrived_during_work.min(2.0 * Self::BUSY_AVERAGE) - self.average) / 8.0;
-            self.messages += (messages as f64 - self.messages) / 8.0;
-            self.gap += (gap - self.gap) / 8.0;
+            let gap = read_at - previous;
+            if gap >= Self::IDLE {
+                *self = Coalescing { previous_read: self.previous_read, work: self.work, ..Coalescing::new() };
+            } else {
+                self.long.add(messages, gap.as_secs_f64());
+                self.short.add(messages, gap.as_secs_f64());
+                self.observed = self.observed.saturating_add(1);
+            }
         }
         self.previous_read = Some(read_at);
     }
@@ -183,10 +220,12 @@ impl Coalescing {
     }
 
     /// How long to let messages gather after a wakeup that came `idle` after the last cycle, if
-    /// at all: `configured` while they outpace the cycles, none for a commit that comes alone
+    /// at all: `configured` while they arrive at a busy rate, none for a commit that comes alone
     /// (its latency is all there is).
     pub fn linger(&self, configured: Duration, idle: Duration) -> Option<Duration> {
-        let busy = self.average >= Self::BUSY_AVERAGE && self.messages >= Self::BUSY_RATE * self.gap;
+        let busy = self.observed >= Self::TRUSTED_AFTER
+            && self.long.at_least(Self::BUSY_RATE)
+            && self.short.at_least(Self::BUSY_RATE);
         (busy && idle <= self.work && !configured.is_zero()).then_some(configured)
     }
 }
@@ -427,7 +466,7 @@ mod tests {
     }
 
     #[test]
-    fn messages_linger_only_while_they_outpace_the_cycles() {
+    fn messages_linger_only_at_a_busy_rate() {
         let work = Duration::from_micros(1500);
         let (mut c, mut clock) = (Coalescing::new(), Instant::now());
         let (lingered, longest_wait) = run(&mut c, &mut clock, 1.0, 1000.0, work);
@@ -442,6 +481,72 @@ mod tests {
         assert!(lingered <= 8, "back to 1,000/s: a few cycles notice, then no lingering ({lingered} lingers)");
         run(&mut c, &mut clock, 1.0, 8000.0, work);
         assert_eq!(c.linger(Duration::ZERO, Duration::ZERO), None, "lingering turned off");
+    }
+
+    /// As `run`, with arrivals at random (a Poisson process at `rate`, from a fixed seed).
+    fn run_random(c: &mut Coalescing, clock: &mut Instant, seconds: f64, rate: f64, work: Duration) -> usize {
+        const LINGER: Duration = Duration::from_millis(20);
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next_gap = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let uniform = (seed >> 11) as f64 / (1u64 << 53) as f64;
+            Duration::from_secs_f64(-(1.0 - uniform).ln() / rate)
+        };
+        let end = *clock + Duration::from_secs_f64(seconds);
+        let (mut next_arrival, mut lingered) = (*clock + next_gap(), 0);
+        while *clock < end {
+            let idle = next_arrival.saturating_duration_since(*clock);
+            *clock += idle;
+            if let Some(linger) = c.linger(LINGER, idle) {
+                *clock += linger;
+                lingered += 1;
+            }
+            let mut arrived = 0;
+            while next_arrival <= *clock {
+                arrived += 1;
+                next_arrival += next_gap();
+            }
+            c.observe(arrived, *clock, *clock + work);
+            *clock += work;
+        }
+        lingered
+    }
+
+    #[test]
+    fn a_busy_rate_gathers_even_while_each_cycle_keeps_up() {
+        // 2,500/s against 1.4 ms cycles: three or four arrive during a cycle, so it could keep up
+        // one cycle after another, 700 cycles a second.
+        let (mut c, mut clock) = (Coalescing::new(), Instant::now());
+        let (lingered, _) = run(&mut c, &mut clock, 1.0, 2500.0, Duration::from_micros(1400));
+        assert!(lingered > 100, "{lingered} lingers");
+    }
+
+    #[test]
+    fn random_bursts_of_a_moderate_rate_do_not_make_the_worker_linger() {
+        let (mut c, mut clock) = (Coalescing::new(), Instant::now());
+        let work = Duration::from_micros(1400);
+        assert_eq!(run_random(&mut c, &mut clock, 20.0, 1000.0, work), 0, "1,000/s at random");
+        let lingered = run_random(&mut c, &mut clock, 20.0, 1500.0, work);
+        assert!(lingered <= 5, "1,500/s at random: {lingered} lingers in 20 s");
+        assert!(run_random(&mut c, &mut clock, 5.0, 3000.0, work) > 100, "3,000/s at random");
+    }
+
+    #[test]
+    fn after_a_pause_the_rate_is_measured_anew_before_anything_waits() {
+        let work = Duration::from_micros(1400);
+        let (mut c, mut clock) = (Coalescing::new(), Instant::now());
+        run(&mut c, &mut clock, 1.0, 5000.0, work);
+        clock += Duration::from_secs(2);
+        // The first cycles after the pause at 5,000/s again: no linger until eight have been seen.
+        for _ in 0..Coalescing::TRUSTED_AFTER {
+            c.observe(7, clock, clock + work);
+            assert_eq!(c.linger(Duration::from_millis(20), Duration::ZERO), None);
+            clock += work;
+        }
+        c.observe(7, clock, clock + work);
+        assert!(c.linger(Duration::from_millis(20), Duration::ZERO).is_some());
     }
 
     #[test]

@@ -808,7 +808,9 @@ impl PacedProducer {
 }
 
 /// The durations (ms) of the transactions pgbench logged under `prefix` (`-l --log-prefix`, one
-/// file per thread, the third field in microseconds); the files are removed.
+/// file per thread); the files are removed. Under `-R` the third field (microseconds) counts from
+/// the transaction's scheduled start, so the seventh, how late it started, is taken off: what is
+/// left is the transaction's own time.
 fn pgbench_logged_ms(prefix: &std::path::Path) -> Vec<f64> {
     let (Some(dir), Some(name)) = (prefix.parent(), prefix.file_name().and_then(|n| n.to_str())) else {
         return Vec::new();
@@ -819,9 +821,11 @@ fn pgbench_logged_ms(prefix: &std::path::Path) -> Vec<f64> {
             continue;
         }
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        durations.extend(
-            text.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()).map(|us| us / 1000.0),
-        );
+        durations.extend(text.lines().filter_map(|line| {
+            let fields: Vec<f64> = line.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect();
+            let since_scheduled = *fields.get(2)?;
+            Some((since_scheduled - fields.get(6).copied().unwrap_or(0.0)) / 1000.0)
+        }));
         let _ = std::fs::remove_file(entry.path());
     }
     durations
@@ -1132,7 +1136,7 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
         sections.join(", "),
         if env.is_empty() { "defaults".to_string() } else { env.join(", ") },
         bench.batch_size,
-        bench.linger.map_or("`pg_outbox.linger` at its default (20 ms)".to_string(), |ms| format!("`pg_outbox.linger = {ms}ms`"))
+        bench.linger.map_or("`pg_outbox.linger` at its default (50 ms)".to_string(), |ms| format!("`pg_outbox.linger = {ms}ms`"))
     ));
     if !bench.notes.is_empty() {
         md.push_str("\n## Notes from this run\n\n");

@@ -362,7 +362,7 @@ impl Worker {
         if let Some((_, error)) = outcome.refused.first() {
             shmem::update(self.slot, |s| s.set_last_error(error));
         }
-        self.coalescing.observe(plan.send.len(), read_at, Instant::now());
+        self.coalescing.observe(fresh_ids.len(), read_at, Instant::now());
         shmem::update(self.slot, |s| {
             s.batches += 1;
             s.delivered += delivered;

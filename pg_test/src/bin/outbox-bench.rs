@@ -808,7 +808,7 @@ impl PacedProducer {
 }
 
 /// The durations (ms) of the transactions pgbench logged under `prefix` (`-l --log-prefix`, one
-/// file per thread); the files are removed. Under `-R` the third field (microseconds) counts from
+/// file per thread); the files are removed. Under `-R` (always given here) the third field (microseconds) counts from
 /// the transaction's scheduled start, so the seventh, how late it started, is taken off: what is
 /// left is the transaction's own time.
 fn pgbench_logged_ms(prefix: &std::path::Path) -> Vec<f64> {
@@ -821,10 +821,12 @@ fn pgbench_logged_ms(prefix: &std::path::Path) -> Vec<f64> {
             continue;
         }
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        // A skipped or failed transaction logs a word instead of its time: not counted.
         durations.extend(text.lines().filter_map(|line| {
-            let fields: Vec<f64> = line.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect();
-            let since_scheduled = *fields.get(2)?;
-            Some((since_scheduled - fields.get(6).copied().unwrap_or(0.0)) / 1000.0)
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let since_scheduled: f64 = fields.get(2)?.parse().ok()?;
+            let lag: f64 = fields.get(6).map_or(Ok(0.0), |f| f.parse()).ok()?;
+            Some((since_scheduled - lag) / 1000.0)
         }));
         let _ = std::fs::remove_file(entry.path());
     }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pg_outbox_tests::{consumer, create_topics, free_port, BrokerKind, Cluster, PrivateBroker};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -693,6 +695,16 @@ struct Acks {
     errors: AtomicU64,
 }
 
+impl Acks {
+    /// Waits until `sent` records are acknowledged or refused, and fails the bench on a refusal.
+    fn wait_for(&self, sent: u64, who: &str) {
+        while self.count.load(Ordering::Relaxed) + self.errors.load(Ordering::Relaxed) < sent {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(self.errors.load(Ordering::Relaxed), 0, "{who}'s messages were refused");
+    }
+}
+
 struct AckCounter(Arc<Acks>);
 
 impl ClientContext for AckCounter {}
@@ -741,20 +753,26 @@ fn raw_produce(bootstrap: &str, topic: &str, n: usize, with_header: bool) {
         if with_header {
             record = record.headers(message_id_header(i + 1));
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+        send_when_queued(&producer, record);
+    }
+    acks.wait_for(n as u64, "the raw producer");
+}
+
+/// Hands `record` to librdkafka, waiting while its queue is full; any other refusal ends the bench.
+fn send_when_queued<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &ThreadedProducer<AckCounter>,
+    mut record: BaseRecord<'_, K, P>,
+) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
             }
+            Err((e, _)) => panic!("the producer refused a record: {e}"),
         }
     }
-    while acks.count.load(Ordering::Relaxed) + acks.errors.load(Ordering::Relaxed) < n as u64 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(acks.errors.load(Ordering::Relaxed), 0, "the raw producer's messages were refused");
 }
 
 /// Sends `{"t": <now>, "pad": ...}` records (the latency section's payload) at a steady rate, each
@@ -788,22 +806,13 @@ impl PacedProducer {
             }
             let key = (sent.wrapping_mul(2_654_435_761) % 100_000).to_string();
             let body = format!("{{\"t\": {}, \"pad\": \"{pad}\"}}", now_s());
-            let mut record = BaseRecord::to(topic).key(&key).payload(&body).headers(message_id_header(sent + 1));
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
+            send_when_queued(
+                &self.producer,
+                BaseRecord::to(topic).key(&key).payload(&body).headers(message_id_header(sent + 1)),
+            );
             sent += 1;
         }
-        while self.acks.count.load(Ordering::Relaxed) + self.acks.errors.load(Ordering::Relaxed) < before + sent {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(self.acks.errors.load(Ordering::Relaxed), 0, "the paced producer's messages were refused");
+        self.acks.wait_for(before + sent, "the paced producer");
     }
 }
 

@@ -90,6 +90,57 @@ fn with_retention_delivered_messages_stay_for_the_retention_period_then_go() {
 }
 
 #[test]
+fn a_slot_still_within_the_retention_period_is_not_read_whole_every_second() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "pg_outbox.retention = '1h'");
+    let topic = unique("retained-slot");
+    let mut db = c.client();
+    // A slot the enqueuers have left: delivered rows that aged out, then young ones after them.
+    // The worker checks it every second for rows it must keep.
+    let slot: i16 = db.query_one("SELECT ((current_slot + 1) % 4)::smallint FROM outbox.worker_state", &[]).unwrap().get(0);
+    let table = format!("messages_{slot}");
+    let insert = |rows: i32, age: &str| {
+        format!(
+            "INSERT INTO outbox.{table} (slot, topic, key, json_payload, enqueued_at)
+             SELECT {slot}, '{topic}', (i % 16)::text, jsonb_build_object('i', i, 'pad', repeat('x', 240)), now() - interval '{age}'
+             FROM generate_series(1, {rows}) i"
+        )
+    };
+    db.batch_execute(&insert(40_000, "2 hours")).unwrap();
+    db.batch_execute(&insert(500, "0 s")).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 40_500, Duration::from_secs(120)).len(), 40_500);
+    assert!(c.wait_until_drained(Duration::from_secs(30)));
+    let blocks_read = |db: &mut postgres::Client| -> i64 {
+        db.query_one(
+            "SELECT heap_blks_read + heap_blks_hit FROM pg_statio_user_tables WHERE schemaname = 'outbox' AND relname = $1",
+            &[&table],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let blocks: i64 = db
+        .query_one(&format!("SELECT pg_relation_size('outbox.{table}') / current_setting('block_size')::bigint"), &[])
+        .unwrap()
+        .get(0);
+    std::thread::sleep(Duration::from_secs(2));
+    let before = blocks_read(&mut db);
+    std::thread::sleep(Duration::from_secs(5));
+    let read = blocks_read(&mut db) - before;
+    assert!(read < blocks / 2, "the worker read {read} blocks of a {blocks}-block slot in 5 s");
+    // Once the young rows age out too, the slot is truncated.
+    c.reconfigure("pg_outbox.retention = '2s'");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: i64 = db.query_one(&format!("SELECT count(*) FROM outbox.{table}"), &[]).unwrap().get(0);
+        if rows == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows} rows past the retention period still stored");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
 fn a_backlog_of_exactly_a_whole_number_of_batches_does_not_stall_later_messages() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     let c = Cluster::start(&bootstrap, "pg_outbox.batch_size = 10");

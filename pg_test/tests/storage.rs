@@ -46,15 +46,7 @@ fn delivered_messages_are_truncated_away_while_writers_keep_enqueueing() {
     }
     let mut db = c.client();
     // Within a few rotations everything delivered is gone, by TRUNCATE: no dead tuples left.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let rows: i64 = db.query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get(0);
-        if rows == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{rows} delivered rows still stored");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_until_empty(&mut db, "outbox.messages", Duration::from_secs(15));
     let dead: i64 = db
         .query_one(
             "SELECT coalesce(sum(n_dead_tup), 0)::bigint FROM pg_stat_user_tables WHERE relname LIKE 'messages_%'",
@@ -129,13 +121,18 @@ fn a_slot_still_within_the_retention_period_is_not_read_whole_every_second() {
     assert!(read < blocks / 2, "the worker read {read} blocks of a {blocks}-block slot in 5 s");
     // Once the young rows age out too, the slot is truncated.
     c.reconfigure("pg_outbox.retention = '2s'");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_until_empty(&mut db, &format!("outbox.{table}"), Duration::from_secs(30));
+}
+
+/// Waits for every row of `table` to be truncated away; fails after `timeout`.
+fn wait_until_empty(db: &mut postgres::Client, table: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
     loop {
-        let rows: i64 = db.query_one(&format!("SELECT count(*) FROM outbox.{table}"), &[]).unwrap().get(0);
+        let rows: i64 = db.query_one(&format!("SELECT count(*) FROM {table}"), &[]).unwrap().get(0);
         if rows == 0 {
-            break;
+            return;
         }
-        assert!(Instant::now() < deadline, "{rows} rows past the retention period still stored");
+        assert!(Instant::now() < deadline, "{rows} rows still stored in {table} after {timeout:?}");
         std::thread::sleep(Duration::from_millis(250));
     }
 }

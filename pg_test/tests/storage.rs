@@ -89,7 +89,8 @@ fn a_slot_still_within_the_retention_period_is_not_read_whole_every_second() {
     let mut db = c.client();
     // A slot the enqueuers have left: delivered rows that aged out, then young ones after them.
     // The worker checks it every second for rows it must keep.
-    let slot: i16 = db.query_one("SELECT ((current_slot + 1) % 4)::smallint FROM outbox.worker_state", &[]).unwrap().get(0);
+    let slot: i16 =
+        db.query_one("SELECT ((current_slot + 1) % 4)::smallint FROM outbox.worker_state", &[]).unwrap().get(0);
     let table = format!("messages_{slot}");
     let insert = |rows: i32, age: &str| {
         format!(

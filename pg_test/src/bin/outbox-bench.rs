@@ -250,9 +250,8 @@ impl Bench {
                 }
             }
         }
-        for (name, mut v) in samples {
-            v.sort_by(f64::total_cmp);
-            self.results.insert(name.into(), v[v.len() / 2]);
+        for (name, v) in samples {
+            self.results.insert(name.into(), median(v));
         }
         let r = &self.results;
         let (a, b, c) = (r["tps_order"], r["tps_enqueue"], r["tps_plain_insert"]);
@@ -261,9 +260,13 @@ impl Bench {
     }
 
     /// Section 2, drain: N pending messages over 16 keys, forwarded from first to last ack (the
-    /// broker's append times of the first and last record on the topic).
+    /// broker's append times of the first and last record on the topic). Like section 1, in
+    /// alternating rounds (raw producer, pg_outbox, relay), median of each: one pair measured once
+    /// put the same code at 0.61 and 0.92 of the raw producer in two runs, the raw rate alone
+    /// swinging by 60 % from run to run with the broker's state.
     fn drain(&mut self) {
         let n = env_usize("BENCH_DRAIN_MESSAGES", 1_000_000);
+        let rounds = env_usize("BENCH_DRAIN_ROUNDS", 3).max(1);
         let bootstrap = self.broker.bootstrap();
         let timeout = Duration::from_secs(3600);
         // The broker's JVM drains a third slower until it has compiled its produce path: whoever
@@ -272,60 +275,94 @@ impl Bench {
         step(&format!("drain: warm-up, not counted: raw rdkafka producer, {n} messages"));
         raw_produce(&bootstrap, "bench.drain_warmup", n, true);
         wait_for_topic(&bootstrap, "bench.drain_warmup", n as i64, timeout);
-        step(&format!(
-            "drain: raw rdkafka producer, {n} messages of 300 bytes over 16 keys, each with a message id header"
-        ));
-        raw_produce(&bootstrap, "bench.raw", n, true);
-        let raw = wait_for_topic(&bootstrap, "bench.raw", n as i64, timeout).rate();
-        self.results.insert("raw_broker_msgs_per_s".into(), raw);
-        println!("    {raw:.0} msg/s");
-        step(&format!("drain: raw rdkafka producer, the same {n} messages without the header"));
-        raw_produce(&bootstrap, "bench.raw_headerless", n, false);
-        let headerless = wait_for_topic(&bootstrap, "bench.raw_headerless", n as i64, timeout).rate();
-        self.results.insert("raw_broker_headerless_msgs_per_s".into(), headerless);
-        println!("    {headerless:.0} msg/s");
+        let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for round in 1..=rounds {
+            let topic = |what: &str| format!("bench.{what}.{round}");
+            let names = ["raw", "raw_headerless", "drain", "relay"].map(topic);
+            let refused = create_topics(
+                &bootstrap,
+                &names.iter().map(String::as_str).collect::<Vec<_>>(),
+                1,
+                &[("message.timestamp.type", "LogAppendTime")],
+            );
+            assert!(refused.is_empty(), "the broker refused bench topics: {refused:?}");
+            let [raw_topic, headerless_topic, drain_topic, relay_topic] = &names;
+            let mut sample = |key: &'static str, rate: f64| {
+                println!("    {rate:.0} msg/s");
+                samples.entry(key).or_default().push(rate);
+            };
 
-        // The backlog is written while the worker points at a port nobody listens on, not with the
-        // broker stopped: a restarted broker's JVM drains cold, while the raw producer and the
-        // relay meet it warm. The gate message shows the worker has taken the setting.
-        step(&format!(
-            "drain: pg_outbox, {n} pending messages (written while the worker points at a port nobody listens on)"
-        ));
-        let nowhere = format!("127.0.0.1:{}", free_port());
-        self.wait_for_broker_state("broker_state <> 'unavailable'");
-        self.cluster.reconfigure(&format!("pg_outbox.kafka_bootstrap_servers = '{nowhere}'"));
-        self.sql("SELECT outbox.enqueue_message('bench.drain_gate', '{}'::jsonb)");
-        self.wait_for_broker_state("broker_state = 'unavailable'");
-        let chunk = 100_000.min(n);
-        let mut done = 0;
-        while done < n {
-            let this = chunk.min(n - done);
-            self.sql(&format!(
-                "SELECT count(outbox.enqueue_message('bench.drain', jsonb_build_object('order_id', i, 'total', 99.50, 'pad', repeat('x', 240)), key => (i % 16)::text)) FROM generate_series({}, {}) i",
-                done + 1,
-                done + this
+            step(&format!(
+                "drain, round {round}/{rounds}: raw rdkafka producer, {n} messages of 300 bytes over 16 keys, each with a message id header"
             ));
-            done += this;
-        }
-        self.cluster.reconfigure(&format!("pg_outbox.kafka_bootstrap_servers = '{bootstrap}'"));
-        let ours = wait_for_topic(&bootstrap, "bench.drain", n as i64, timeout).rate();
-        println!("    {ours:.0} msg/s");
-        self.results.insert("drain_msgs_per_s".into(), ours);
+            raw_produce(&bootstrap, raw_topic, n, true);
+            sample("raw_broker_msgs_per_s", wait_for_topic(&bootstrap, raw_topic, n as i64, timeout).rate());
+            step(&format!(
+                "drain, round {round}/{rounds}: raw rdkafka producer, the same {n} messages without the header"
+            ));
+            raw_produce(&bootstrap, headerless_topic, n, false);
+            sample(
+                "raw_broker_headerless_msgs_per_s",
+                wait_for_topic(&bootstrap, headerless_topic, n as i64, timeout).rate(),
+            );
 
-        step(&format!("drain: scheme-2 relay (plain table, FOR UPDATE SKIP LOCKED, batches of {})", self.batch_size));
-        self.sql(&format!(
-            "INSERT INTO bench_relay (key, payload) SELECT (i % 16)::text, jsonb_build_object('order_id', i, 'total', 99.50, 'pad', repeat('x', 240)) FROM generate_series(1, {n}) i"
+            // The backlog is written while the worker points at a port nobody listens on, not with
+            // the broker stopped: a restarted broker's JVM drains cold, while the raw producer and
+            // the relay meet it warm. The gate message shows the worker has taken the setting.
+            step(&format!(
+                "drain, round {round}/{rounds}: pg_outbox, {n} pending messages (written while the worker points at a port nobody listens on)"
+            ));
+            let nowhere = format!("127.0.0.1:{}", free_port());
+            self.wait_for_broker_state("broker_state <> 'unavailable'");
+            self.cluster.reconfigure(&format!("pg_outbox.kafka_bootstrap_servers = '{nowhere}'"));
+            self.sql("SELECT outbox.enqueue_message('bench.drain_gate', '{}'::jsonb)");
+            self.wait_for_broker_state("broker_state = 'unavailable'");
+            let chunk = 100_000.min(n);
+            let mut done = 0;
+            while done < n {
+                let this = chunk.min(n - done);
+                self.sql(&format!(
+                    "SELECT count(outbox.enqueue_message('{drain_topic}', jsonb_build_object('order_id', i, 'total', 99.50, 'pad', repeat('x', 240)), key => (i % 16)::text)) FROM generate_series({}, {}) i",
+                    done + 1,
+                    done + this
+                ));
+                done += this;
+            }
+            self.cluster.reconfigure(&format!("pg_outbox.kafka_bootstrap_servers = '{bootstrap}'"));
+            sample("drain_msgs_per_s", wait_for_topic(&bootstrap, drain_topic, n as i64, timeout).rate());
+
+            step(&format!(
+                "drain, round {round}/{rounds}: scheme-2 relay (plain table, FOR UPDATE SKIP LOCKED, batches of {})",
+                self.batch_size
+            ));
+            self.sql(&format!(
+                "TRUNCATE bench_relay; INSERT INTO bench_relay (key, payload) SELECT (i % 16)::text, jsonb_build_object('order_id', i, 'total', 99.50, 'pad', repeat('x', 240)) FROM generate_series(1, {n}) i"
+            ));
+            Relay::new(&self.cluster.dsn("shop"), &bootstrap, "bench_relay", relay_topic, self.batch_size).drain(n);
+            sample("relay_msgs_per_s", wait_for_topic(&bootstrap, relay_topic, n as i64, timeout).rate());
+        }
+        let rounds_of = |key: &str| samples[key].iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ");
+        self.notes.push(format!(
+            "Drain, msg/s by round: raw producer {}; without the header {}; pg_outbox {}; relay {}. The keys are the medians.",
+            rounds_of("raw_broker_msgs_per_s"),
+            rounds_of("raw_broker_headerless_msgs_per_s"),
+            rounds_of("drain_msgs_per_s"),
+            rounds_of("relay_msgs_per_s"),
         ));
-        let relay = Relay::new(&self.cluster.dsn("shop"), &bootstrap, "bench_relay", "bench.relay", self.batch_size);
-        relay.drain(n);
-        let relay_rate = wait_for_topic(&bootstrap, "bench.relay", n as i64, timeout).rate();
-        println!("    {relay_rate:.0} msg/s");
-        self.results.insert("relay_msgs_per_s".into(), relay_rate);
+        for (key, rates) in samples {
+            self.results.insert(key.into(), median(rates));
+        }
+        let r = &self.results;
+        let (ours, raw, headerless, relay) = (
+            r["drain_msgs_per_s"],
+            r["raw_broker_msgs_per_s"],
+            r["raw_broker_headerless_msgs_per_s"],
+            r["relay_msgs_per_s"],
+        );
         self.results.insert("drain_vs_raw".into(), ours / raw);
         self.results.insert("drain_vs_raw_headerless".into(), ours / headerless);
-        self.results.insert("drain_vs_relay".into(), ours / relay_rate);
+        self.results.insert("drain_vs_relay".into(), ours / relay);
     }
-
     /// 3. Latency at a steady rate of one-message transactions: commit to consumer.
     fn latency(&mut self) {
         let rate = env_usize("BENCH_LATENCY_TPS", 1000).to_string();
@@ -842,6 +879,12 @@ fn pgbench_logged_ms(prefix: &std::path::Path) -> Vec<f64> {
     durations
 }
 
+/// The middle of an odd number of rounds (the upper middle of an even one).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// The `q` quantile of sorted `values` (0 for none).
 fn percentile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {
@@ -1033,10 +1076,6 @@ fn main() {
         &broker.bootstrap(),
         &[
             "bench.drain_warmup",
-            "bench.raw",
-            "bench.raw_headerless",
-            "bench.drain",
-            "bench.relay",
             "bench.latency",
             "bench.raw_latency",
             "bench.relay_latency",
@@ -1143,7 +1182,7 @@ fn markdown(bench: &Bench, sections: &[String]) -> String {
     let env: Vec<String> =
         std::env::vars().filter(|(k, _)| k.starts_with("BENCH_")).map(|(k, v)| format!("`{k}={v}`")).collect();
     md.push_str(&format!(
-        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, {}.\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains). Every forwarder delivers the same records: pg_outbox puts a `pg_outbox_message_id` header on each (the id consumers drop redeliveries by), Debezium's Outbox Event Router an `id` header, and the raw producer and the relay send a `pg_outbox_message_id` header of the same shape. `raw_broker_headerless_msgs_per_s` is the raw producer without it, lighter records than any of the forwarders send (`drain_vs_raw_headerless`, for reference).\n- Drain: first an uncounted warm-up of the broker (the raw producer, the same number of messages). pg_outbox's backlog is written while its worker points at a port nobody listens on (`pg_outbox.kafka_bootstrap_servers`, reloaded), then pointed back: the broker stays up and warm, as the raw producer and the relay meet it.\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures. Two references from the same section show this machine's own tail at that rate: `latency_tx_*` is the duration of the transactions themselves, from pgbench's log (`-l`) of the measured run, and `raw_broker_latency_*` a standalone rdkafka producer sending the same records at the same rate, each at once (`linger.ms=0`, as pg_outbox's flush does), to the same consumer, from the send instead of a commit.\n- Sustained: each of the 8 clients is given more transactions than its share and pgbench is stopped once the orders table has grown by the whole count, so every client runs until the end (with a count per client they finish one after another, and the last minute measured fewer of them). `sustained_messages` is the count delivered, a few hundred over.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_SUSTAINED_MESSAGES=... make bench`; parts: `BENCH_SECTIONS=enqueue,drain,latency,debezium,sustained,xmin`; the worker's linger for an experiment: `BENCH_LINGER_MS=20`).\n",
+        "\n## Settings\n\n- Sections run: {}.\n- Sizes: {} (defaults: 1,000,000 drained messages in each of 3 drain rounds, 5,000,000 sustained, 120 s per xmin run, 15 s per pgbench round, 3 rounds after one uncounted warm-up round, 8 clients, 1,000 tx/s for 30 s of latency).\n- Postgres: `fsync = on`, `synchronous_commit = on`, `shared_buffers = 1GB`, `pg_outbox.batch_size = {}`, `pg_outbox.poll_interval = 100ms`, {}.\n- Producer (pg_outbox, the raw producer and the relay alike): `acks=all`, `enable.idempotence=true`, `linger.ms=1`, `partitioner=murmur2_random`.\n- Payloads: ~300-byte JSON order events, keys spread over the orders' customers (16 keys for the drains). Every forwarder delivers the same records: pg_outbox puts a `pg_outbox_message_id` header on each (the id consumers drop redeliveries by), Debezium's Outbox Event Router an `id` header, and the raw producer and the relay send a `pg_outbox_message_id` header of the same shape. `raw_broker_headerless_msgs_per_s` is the raw producer without it, lighter records than any of the forwarders send (`drain_vs_raw_headerless`, for reference).\n- Drain: first an uncounted warm-up of the broker (the raw producer, the same number of messages), then alternating rounds of the raw producer (with and without the header), pg_outbox and the relay, each on a topic of its own per round; each `*_msgs_per_s` key is the median of its rounds and each ratio the ratio of the medians, as in the enqueue section (the rounds are listed under Notes). pg_outbox's backlog is written while its worker points at a port nobody listens on (`pg_outbox.kafka_bootstrap_servers`, reloaded), then pointed back: the broker stays up and warm, as the raw producer and the relay meet it.\n- Latency: from `clock_timestamp()` in the last statement before COMMIT (so the commit's own fsync is included) to a consumer receiving the record (`fetch.wait.max.ms=20`), after 5 s at the same rate that are not measured. The `*_append_p99_ms` keys measure to the broker's append instead (the record's LogAppendTime, in whole milliseconds, so they read up to 1 ms low): they show how much of a p99 is the consumer's fetch; the goals use the consumer's figures. Two references from the same section show this machine's own tail at that rate: `latency_tx_*` is the duration of the transactions themselves, from pgbench's log (`-l`) of the measured run, and `raw_broker_latency_*` a standalone rdkafka producer sending the same records at the same rate, each at once (`linger.ms=0`, as pg_outbox's flush does), to the same consumer, from the send instead of a commit.\n- Sustained: each of the 8 clients is given more transactions than its share and pgbench is stopped once the orders table has grown by the whole count, so every client runs until the end (with a count per client they finish one after another, and the last minute measured fewer of them). `sustained_messages` is the count delivered, a few hundred over.\n- Storage growth (sustained): outbox storage (heap, indexes, TOAST) is sampled every second; with slot rotation it is a sawtooth, so `storage_growth_ratio` compares its peak during the first 100,000 messages with its peak during the same length of time at the end of the run (the single samples after the first 100,000 and once drained are reported too).\n- The relay (scheme 2): `SELECT ... FOR UPDATE SKIP LOCKED` batches of the same size from a plain table, produce, wait for all acks, `UPDATE ... SET sent = true`, COMMIT; 100 ms poll when idle.\n\nRerun: `make bench` (sizes: `BENCH_DRAIN_MESSAGES=... BENCH_DRAIN_ROUNDS=... BENCH_SUSTAINED_MESSAGES=... make bench`; parts: `BENCH_SECTIONS=enqueue,drain,latency,debezium,sustained,xmin`; the worker's linger for an experiment: `BENCH_LINGER_MS=20`).\n",
         sections.join(", "),
         if env.is_empty() { "defaults".to_string() } else { env.join(", ") },
         bench.batch_size,

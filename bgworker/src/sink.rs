@@ -131,6 +131,11 @@ struct Filed {
     /// acknowledged again: the worker learns of an outage from it while messages wait, not a
     /// message timeout later.
     brokers_down: Option<(String, Instant)>,
+    /// librdkafka's latest error, until a message is acknowledged again: why it cannot reach or
+    /// talk to a broker (a refused connection, a failed TLS handshake or SASL authentication).
+    /// Its word that every broker is down only counts them, and a metadata request only times
+    /// out, so without this an operator would read "timed out" where librdkafka knew the reason.
+    cause: Option<String>,
 }
 
 const POSITION_BITS: u32 = 32;
@@ -151,6 +156,7 @@ impl Reports {
         let mut filed = self.filed();
         if report.is_ok() {
             filed.brokers_down = None;
+            filed.cause = None;
         }
         let (batch, position) = ((opaque >> POSITION_BITS) as u32, opaque & ((1 << POSITION_BITS) - 1));
         if batch == filed.batch {
@@ -162,9 +168,13 @@ impl Reports {
 }
 
 impl ClientContext for Reports {
+    // Called on librdkafka's threads: it only files what it heard, for the worker to report.
     fn error(&self, error: KafkaError, reason: &str) {
+        let mut filed = self.filed();
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.filed().brokers_down = Some((reason.to_string(), Instant::now()));
+            filed.brokers_down = Some((reason.to_string(), Instant::now()));
+        } else {
+            filed.cause = Some(reason.to_string());
         }
     }
 }
@@ -192,6 +202,14 @@ pub enum BatchError {
     Interrupted,
     /// A topic could not be looked up or created (broker unreachable).
     Unavailable(String),
+}
+
+/// `what` went wrong, with librdkafka's reason for it if it gave one.
+fn with_cause(what: &str, cause: Option<&str>) -> String {
+    match cause {
+        Some(cause) if !what.contains(cause) => format!("{what} (librdkafka: {cause})"),
+        _ => what.to_string(),
+    }
 }
 
 impl KafkaSink {
@@ -260,7 +278,7 @@ impl KafkaSink {
                 .producer
                 .client()
                 .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                .map_err(|e| BatchError::Unavailable(format!("cannot fetch metadata: {e}")))?;
+                .map_err(|e| BatchError::Unavailable(self.explained(&format!("cannot fetch metadata: {e}"))))?;
             let exists = metadata
                 .topics()
                 .iter()
@@ -282,6 +300,11 @@ impl KafkaSink {
             self.topics.insert(topic, TopicHandle(handle));
         }
         Ok(())
+    }
+
+    /// `what` went wrong, with librdkafka's latest error since a message was last acknowledged.
+    fn explained(&self, what: &str) -> String {
+        with_cause(what, self.producer.context().filed().cause.as_deref())
     }
 
     fn create_topic(&self, topic: &str) -> Result<(), BatchError> {
@@ -402,9 +425,9 @@ impl KafkaSink {
                 return Err(BatchError::Interrupted);
             }
             // Read under the lock, reported after it: librdkafka's threads file reports meanwhile.
-            let (reports, lost) = {
+            let (reports, lost, cause) = {
                 let filed = self.producer.context().filed();
-                (filed.reports.iter().filter(|r| r.is_some()).count(), filed.brokers_down.clone())
+                (filed.reports.iter().filter(|r| r.is_some()).count(), filed.brokers_down.clone(), filed.cause.clone())
             };
             let lost_at = lost.as_ref().map(|(_, at)| *at);
             if self.rebootstrap.due(Instant::now(), lost_at) {
@@ -416,13 +439,12 @@ impl KafkaSink {
                     )
                 };
             }
-            match watch.check(Instant::now(), reports, lost_at) {
-                Some(Outage::BrokersLost) => outage(lost.as_ref().map_or("every broker is down", |(why, _)| why)),
-                Some(Outage::Silent(quiet)) => {
-                    outage(&format!("no acknowledgement from Kafka for {} s", quiet.as_secs()))
-                }
-                None => {}
-            }
+            let what = match watch.check(Instant::now(), reports, lost_at) {
+                Some(Outage::BrokersLost) => lost.map_or("every broker is down".to_string(), |(why, _)| why),
+                Some(Outage::Silent(quiet)) => format!("no acknowledgement from Kafka for {} s", quiet.as_secs()),
+                None => continue,
+            };
+            outage(&with_cause(&what, cause.as_deref()));
         }
     }
 
@@ -559,6 +581,29 @@ mod tests {
         assert!(matches!(filed.reports[1], Some(Ok(()))));
         assert!(matches!(filed.reports[2], Some(Err(SendFailure::Refused(_)))));
         assert_eq!(filed.reports.len(), 3, "a position past the batch is ignored");
+    }
+
+    #[test]
+    fn an_outage_is_reported_with_librdkafkas_latest_error_and_an_acknowledgement_clears_it() {
+        let reports = Reports::default();
+        reports.filed().reports = vec![None];
+        reports.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused",
+        );
+        reports.error(KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), "1/1 brokers are down");
+        let (down, cause) = {
+            let filed = reports.filed();
+            (filed.brokers_down.clone().expect("every broker is down").0, filed.cause.clone())
+        };
+        assert_eq!(
+            with_cause(&down, cause.as_deref()),
+            "1/1 brokers are down (librdkafka: 127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused)"
+        );
+        reports.file(opaque(0, 0), Ok(()));
+        assert_eq!(reports.filed().cause, None, "a broker that acknowledged is reachable again");
+        assert_eq!(with_cause("every broker is down", None), "every broker is down");
+        assert_eq!(with_cause("failed: Connection refused", Some("Connection refused")), "failed: Connection refused");
     }
 
     #[test]

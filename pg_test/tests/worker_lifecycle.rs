@@ -85,13 +85,19 @@ fn a_new_bootstrap_server_applies_on_reload_without_restart() {
 }
 
 #[test]
-fn a_broker_unreachable_at_start_gets_everything_once_it_is_up() {
+fn a_broker_unreachable_at_start_is_reported_with_librdkafkas_reason_and_gets_everything_once_it_is_up() {
     let broker = PrivateBroker::reserve(BrokerKind::Kafka);
     let c =
         Cluster::start(&broker.bootstrap(), "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
     let topic = unique("late-broker");
     enqueue_numbers(&c, &topic, 0..20);
     wait_for_broker_state(&mut c.client(), "unavailable", WAIT);
+    // Not only that it timed out: why, as librdkafka heard it, in the view and in the log.
+    let last_error: String = c.client().query_one("SELECT last_error FROM outbox.worker_status", &[]).unwrap().get(0);
+    assert!(last_error.contains("Connection refused"), "{last_error}");
+    let log = c.log();
+    let reported = log.lines().find(|l| l.contains("Kafka is unavailable")).unwrap_or_default();
+    assert!(reported.contains("Connection refused"), "{reported}");
     std::thread::sleep(Duration::from_secs(3));
     broker.resume();
     assert_eq!(payloads(&read_topic(&broker.bootstrap(), &topic, 20, Duration::from_secs(60))), numbers(0..20));

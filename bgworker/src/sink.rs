@@ -135,7 +135,23 @@ struct Filed {
     /// talk to a broker (a refused connection, a failed TLS handshake or SASL authentication).
     /// Its word that every broker is down only counts them, and a metadata request only times
     /// out, so without this an operator would read "timed out" where librdkafka knew the reason.
-    cause: Option<String>,
+    /// With when it was heard: see `Filed::cause`.
+    cause: Option<(String, Instant)>,
+}
+
+impl Filed {
+    /// librdkafka repeats a broker's error at least every 30 s while it lasts (it suppresses
+    /// identical ones in between), so one older than this is about a problem that has passed,
+    /// such as a restart of the broker while the worker was idle.
+    const CAUSE_FRESH: Duration = Duration::from_secs(60);
+
+    /// librdkafka's latest error, if it is recent enough to explain what is going on now.
+    fn cause(&self, now: Instant) -> Option<&str> {
+        self.cause
+            .as_ref()
+            .filter(|(_, at)| now.saturating_duration_since(*at) <= Self::CAUSE_FRESH)
+            .map(|(reason, _)| reason.as_str())
+    }
 }
 
 const POSITION_BITS: u32 = 32;
@@ -168,13 +184,13 @@ impl Reports {
 }
 
 impl ClientContext for Reports {
-    // Called on librdkafka's threads: it only files what it heard, for the worker to report.
+    // Called on rdkafka's polling thread: it only files what it heard, for the worker to report.
     fn error(&self, error: KafkaError, reason: &str) {
         let mut filed = self.filed();
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             filed.brokers_down = Some((reason.to_string(), Instant::now()));
         } else {
-            filed.cause = Some(reason.to_string());
+            filed.cause = Some((reason.to_string(), Instant::now()));
         }
     }
 }
@@ -304,7 +320,7 @@ impl KafkaSink {
 
     /// `what` went wrong, with librdkafka's latest error since a message was last acknowledged.
     fn explained(&self, what: &str) -> String {
-        with_cause(what, self.producer.context().filed().cause.as_deref())
+        with_cause(what, self.producer.context().filed().cause(Instant::now()))
     }
 
     fn create_topic(&self, topic: &str) -> Result<(), BatchError> {
@@ -427,7 +443,8 @@ impl KafkaSink {
             // Read under the lock, reported after it: librdkafka's threads file reports meanwhile.
             let (reports, lost, cause) = {
                 let filed = self.producer.context().filed();
-                (filed.reports.iter().filter(|r| r.is_some()).count(), filed.brokers_down.clone(), filed.cause.clone())
+                let cause = filed.cause(Instant::now()).map(str::to_string);
+                (filed.reports.iter().filter(|r| r.is_some()).count(), filed.brokers_down.clone(), cause)
             };
             let lost_at = lost.as_ref().map(|(_, at)| *at);
             if self.rebootstrap.due(Instant::now(), lost_at) {
@@ -592,16 +609,22 @@ mod tests {
             "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused",
         );
         reports.error(KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), "1/1 brokers are down");
-        let (down, cause) = {
+        let now = Instant::now();
+        {
             let filed = reports.filed();
-            (filed.brokers_down.clone().expect("every broker is down").0, filed.cause.clone())
-        };
-        assert_eq!(
-            with_cause(&down, cause.as_deref()),
-            "1/1 brokers are down (librdkafka: 127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused)"
-        );
+            let down = &filed.brokers_down.as_ref().expect("every broker is down").0;
+            assert_eq!(
+                with_cause(down, filed.cause(now)),
+                "1/1 brokers are down (librdkafka: 127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused)"
+            );
+            assert_eq!(
+                filed.cause(now + Filed::CAUSE_FRESH + Duration::from_secs(1)),
+                None,
+                "an old error is not news"
+            );
+        }
         reports.file(opaque(0, 0), Ok(()));
-        assert_eq!(reports.filed().cause, None, "a broker that acknowledged is reachable again");
+        assert_eq!(reports.filed().cause(now), None, "a broker that acknowledged is reachable again");
         assert_eq!(with_cause("every broker is down", None), "every broker is down");
         assert_eq!(with_cause("failed: Connection refused", Some("Connection refused")), "failed: Connection refused");
     }

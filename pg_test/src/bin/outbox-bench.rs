@@ -216,7 +216,7 @@ impl Bench {
     /// Enqueue overhead (section 1): an order INSERT alone, plus enqueue_message, plus a plain
     /// INSERT of the same payload; alternating rounds, median of each.
     fn enqueue_overhead(&mut self) {
-        let rounds = env_usize("BENCH_ROUNDS", 3);
+        let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
         let seconds = env_usize("BENCH_PGBENCH_SECONDS", 15).to_string();
         let clients = env_usize("BENCH_CLIENTS", 8).to_string();
         let pad = "x".repeat(230);

@@ -12,19 +12,37 @@ use crate::{guc, shmem};
 
 /// Whether the current transaction enqueued, so that its commit wakes the worker.
 static ENQUEUED_IN_XACT: AtomicBool = AtomicBool::new(false);
+/// Whether it counts as an asynchronous commit pending (see `shmem::async_commit_starts`).
+static COUNTED_ASYNC: AtomicBool = AtomicBool::new(false);
 static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
+        // Only synchronous_commit = off skips the flush at commit (local and remote_* flush
+        // locally). Counted before the commit record exists, so that a worker whose snapshot
+        // sees this transaction cannot miss it.
+        XACT_EVENT_PRE_COMMIT
+            if ENQUEUED_IN_XACT.load(Ordering::Relaxed)
+                && unsafe { pg_sys::synchronous_commit } == pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32 =>
+        {
+            shmem::async_commit_starts();
+            COUNTED_ASYNC.store(true, Ordering::Relaxed);
+        }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if ENQUEUED_IN_XACT.swap(false, Ordering::Relaxed) => {
+            if COUNTED_ASYNC.swap(false, Ordering::Relaxed) {
+                shmem::async_commit_ends(Some(unsafe { pg_sys::XactLastCommitEnd }));
+            }
             shmem::wake_worker(unsafe { pg_sys::MyDatabaseId }.to_u32());
         }
         // A prepared transaction is committed later, maybe by another backend: the worker's
-        // fallback poll picks it up.
+        // fallback poll picks it up. (PREPARE and COMMIT PREPARED always flush.)
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             ENQUEUED_IN_XACT.store(false, Ordering::Relaxed);
+            if COUNTED_ASYNC.swap(false, Ordering::Relaxed) {
+                shmem::async_commit_ends(None);
+            }
         }
         _ => {}
     }

@@ -20,8 +20,8 @@ use pgrx::{JsonB, PgSqlErrorCode};
 
 use crate::api::{check_message, invalid, wake_on_commit};
 use crate::message_writer::{self, MessageRow};
-use crate::shmem;
 use crate::store::{extension_version, SQL_VERSION};
+use crate::{guc, shmem};
 
 thread_local! {
     /// The INSERT into each slot's partition, planned on first use in this session.
@@ -104,15 +104,17 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
         None => DatumWithOid::null_oid(oid.value()),
     };
     let id = if deliver_after.is_some() || deliver_at.is_some() {
-        insert_delayed(&[
-            arg(topic_datum, TEXT),
-            arg(key, TEXT),
-            arg(bytes, BYTEA),
-            arg(json, JSONB),
-            arg(headers, JSONB),
-            arg(deliver_at, TIMESTAMPTZ),
-            arg(deliver_after, INTERVAL),
-        ])
+        guc::with_catalog_search_path(|| {
+            insert_delayed(&[
+                arg(topic_datum, TEXT),
+                arg(key, TEXT),
+                arg(bytes, BYTEA),
+                arg(json, JSONB),
+                arg(headers, JSONB),
+                arg(deliver_at, TIMESTAMPTZ),
+                arg(deliver_after, INTERVAL),
+            ])
+        })
     } else {
         let slot = shmem::current_slot(pg_sys::MyDatabaseId.to_u32());
         let json_text = json_text.map(pg_sys::Datum::from);
@@ -120,16 +122,18 @@ unsafe fn enqueue(fcinfo: pg_sys::FunctionCallInfo, kind: PayloadKind) -> pg_sys
         let row = topic_datum.map(|topic| MessageRow { slot, topic, key, payload: bytes, json_text, headers });
         match row.as_ref().and_then(message_writer::insert) {
             Some(id) => Ok(id),
-            None => insert(
-                slot,
-                &[
-                    arg(topic_datum, TEXT),
-                    arg(key, TEXT),
-                    arg(bytes, BYTEA),
-                    arg(json_text, BYTEA),
-                    arg(headers, JSONB),
-                ],
-            ),
+            None => guc::with_catalog_search_path(|| {
+                insert(
+                    slot,
+                    &[
+                        arg(topic_datum, TEXT),
+                        arg(key, TEXT),
+                        arg(bytes, BYTEA),
+                        arg(json_text, BYTEA),
+                        arg(headers, JSONB),
+                    ],
+                )
+            }),
         }
     };
     let id = match id {

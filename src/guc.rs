@@ -205,3 +205,28 @@ pub fn retry_backoff() -> Backoff {
         max: std::time::Duration::from_millis(RETRY_BACKOFF_MAX_MS.get().max(RETRY_BACKOFF_MS.get()) as u64),
     }
 }
+
+/// Runs `f` with `search_path` set to `pg_catalog, pg_temp`, undone when it returns (or by the
+/// abort, if it raises an error). The SECURITY DEFINER enqueue plans SQL of its own on first use,
+/// as its owner: with the caller's search_path, an operator of the caller's schemas that matches
+/// its argument types better than pg_catalog's (an `=(oid, regclass)`, say) would run as that
+/// owner. A `SET search_path` clause on the function would do the same at the cost of a setting
+/// saved and restored on every call; this is paid only when SQL is planned or run.
+pub fn with_catalog_search_path<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let level = pgrx::pg_sys::NewGUCNestLevel();
+        pgrx::pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pgrx::pg_sys::GucContext::PGC_USERSET,
+            pgrx::pg_sys::GucSource::PGC_S_SESSION,
+            pgrx::pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let result = f();
+        pgrx::pg_sys::AtEOXact_GUC(true, level);
+        result
+    }
+}

@@ -24,6 +24,7 @@ use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
+use crate::guc;
 use crate::store::SLOTS;
 
 unsafe extern "C-unwind" {
@@ -375,12 +376,15 @@ unsafe fn default_calls(constr: *mut pg_sys::TupleConstr, attnum: usize, funcid:
 
 /// Whether `relid` is a partition of outbox.messages holding exactly the rows of slot `slot`.
 unsafe fn is_slot_partition(relid: Oid, slot: i16) -> bool {
-    let bound = Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM pg_catalog.pg_class c
-         JOIN pg_catalog.pg_inherits i ON i.inhrelid = c.oid
-         WHERE c.oid = $1 AND i.inhparent = 'outbox.messages'::pg_catalog.regclass",
-        &[relid.into()],
-    );
+    let bound = guc::with_catalog_search_path(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) c.oid
+             WHERE c.oid OPERATOR(pg_catalog.=) $1
+               AND i.inhparent OPERATOR(pg_catalog.=) 'outbox.messages'::pg_catalog.regclass",
+            &[relid.into()],
+        )
+    });
     matches!(bound, Ok(Some(bound)) if bound == format!("FOR VALUES IN ('{slot}')"))
 }
 

@@ -1,6 +1,9 @@
 //! Shared memory: one slot per worker, holding what other backends need from it — its latch (so
 //! a committing transaction can wake it), the storage slot enqueuers write to, and the live
 //! figures behind `outbox.worker_status`. Figures survive a worker restart (not a server restart).
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pgrx::atomics::PgAtomic;
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_guard;
 use pgrx::pg_sys;
@@ -159,18 +162,51 @@ unsafe impl PGRXSharedMemory for Registry {}
 
 pub static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_outbox registry") };
 
+/// Commits with synchronous_commit off of transactions that enqueued: how many are between their
+/// pre-commit and their commit, and where the latest commit record among those done ends. Such a
+/// commit is visible before it is on disk, so the worker flushes the WAL that far before it sends
+/// (`store::commits_end`). With synchronous commits both stay 0 and it flushes nothing.
+static ASYNC_COMMITS_PENDING: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox async commits pending") };
+static ASYNC_COMMITS_END: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_outbox async commits end") };
+
 pub fn init() {
     pgrx::pg_shmem_init!(REGISTRY);
+    pgrx::pg_shmem_init!(ASYNC_COMMITS_PENDING);
+    pgrx::pg_shmem_init!(ASYNC_COMMITS_END);
 }
 
-/// Finds (or claims) the slot of the worker for `database_oid`, keeping earlier figures.
+/// At pre-commit, before the transaction can be visible to anyone.
+pub fn async_commit_starts() {
+    ASYNC_COMMITS_PENDING.get().fetch_add(1, Ordering::SeqCst);
+}
+
+/// After the commit (`end`, the end of its record) or the abort (`None`). The end is published
+/// before the count drops: a worker that reads the count as 0 then finds every end.
+pub fn async_commit_ends(end: Option<u64>) {
+    if let Some(end) = end {
+        ASYNC_COMMITS_END.get().fetch_max(end, Ordering::SeqCst);
+    }
+    ASYNC_COMMITS_PENDING.get().fetch_sub(1, Ordering::SeqCst);
+}
+
+/// How many asynchronous commits are pending, and where the latest one done ends, in this order.
+pub fn async_commits() -> (u64, u64) {
+    let pending = ASYNC_COMMITS_PENDING.get().load(Ordering::SeqCst);
+    (pending, ASYNC_COMMITS_END.get().load(Ordering::SeqCst))
+}
+
+/// Finds (or claims) the slot of the worker for `database_oid`, keeping earlier figures. Once
+/// every slot has been used, the one of the worker that stopped longest ago is taken over: a
+/// database dropped and created again gets a new OID, and would otherwise keep its old slot
+/// forever.
 pub fn claim_slot(database_oid: u32, database: &str) -> Option<usize> {
     let mut registry = REGISTRY.exclusive();
-    let index = registry
-        .slots
+    let slots = &registry.slots;
+    let index = slots
         .iter()
         .position(|s| s.in_use && s.database_oid == database_oid)
-        .or_else(|| registry.slots.iter().position(|s| !s.in_use))?;
+        .or_else(|| slots.iter().position(|s| !s.in_use))
+        .or_else(|| (0..slots.len()).filter(|&i| slots[i].pid == 0).min_by_key(|&i| slots[i].started_at))?;
     let slot = &mut registry.slots[index];
     if !slot.in_use || slot.database_oid != database_oid {
         *slot = WorkerSlot::EMPTY;
@@ -178,12 +214,17 @@ pub fn claim_slot(database_oid: u32, database: &str) -> Option<usize> {
         slot.database_oid = database_oid;
     }
     copy_text(&mut slot.database, database);
+    // Under the same lock: a slot without a pid may be taken over by the next worker to start.
+    slot.pid = unsafe { pg_sys::MyProcPid };
     Some(index)
 }
 
 /// Whether the last worker of `database` left on purpose (then it is restarted without backoff).
+/// The slot started last answers: an older one may be of a database of that name dropped since.
 pub fn exited_cleanly(database: &str) -> bool {
-    REGISTRY.share().slots.iter().any(|s| s.in_use && s.database() == database && s.exited_cleanly)
+    let registry = REGISTRY.share();
+    let last = registry.slots.iter().filter(|s| s.in_use && s.database() == database).max_by_key(|s| s.started_at);
+    last.is_some_and(|s| s.exited_cleanly)
 }
 
 /// Sets the latch of the worker serving `database_oid`, if one runs.

@@ -11,7 +11,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use pg_outbox_bgworker::{flush_before_sending, OutboundMessage, SnapshotBounds, TopicCount};
 
-use crate::message_reader;
+use crate::{message_reader, shmem};
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
@@ -316,6 +316,9 @@ pub struct Batch {
     pub current_slot: i16,
     /// Per-topic routing from outbox.destinations.
     pub destinations: HashMap<String, Destination>,
+    /// A WAL position at or after the commit record of every transaction this batch's messages
+    /// come from that may not be on disk yet; 0 for none (see `commits_end`).
+    pub commits_end: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -336,11 +339,12 @@ pub struct WindowPosition {
 /// acknowledgements are outstanding); otherwise the window is worker_state's.
 pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
     transaction(true, || {
-        if !extension_installed() {
-            return Work::NoExtension;
-        }
+        // First: a worker waiting for CREATE EXTENSION must leave for a DROP DATABASE too.
         if database_drop_pending() {
             return Work::DatabaseDropping;
+        }
+        if !extension_installed() {
+            return Work::NoExtension;
         }
         Spi::connect(|client| -> SpiResult<Work> {
             if let Some(version) = extension_outdated(client)? {
@@ -449,6 +453,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
             if held_exist {
                 read_held(client, &mut batch, batch_size)?;
             }
+            batch.commits_end = commits_end(!batch.retries.is_empty());
             Ok(Work::Batch(batch))
         })
         .unwrap_or_else(|e| error!("pg_outbox worker could not read the outbox: {e}"))
@@ -565,6 +570,41 @@ pub fn flush_recorded(sending: i64, batch_size: i64) {
     if flush_before_sending(unflushed, sending, batch_size) {
         unsafe { pg_sys::XLogFlush(lsn) };
         UNFLUSHED_RECORDS.with(|u| u.set((0, 0)));
+    }
+}
+
+/// Where the WAL must be flushed to before this batch is sent, so that no transaction whose
+/// messages it holds can be lost by a crash after they went out. Read after the batch's snapshot
+/// was taken: an asynchronous commit visible in it counted itself as pending before it committed,
+/// and published its end before it stopped counting. While one is pending its end is not known
+/// yet, so the end of all WAL inserted stands for it. Held messages may also depend on the
+/// worker's own last record (which moved them there), not flushed at its commit.
+fn commits_end(with_held: bool) -> u64 {
+    let (pending, end) = shmem::async_commits();
+    let commits = if pending > 0 {
+        // (Not GetXLogInsertRecPtr: at a page boundary that is past the header of a page not
+        // written yet, which XLogFlush refuses with an ERROR.)
+        unsafe { pg_sys::GetXLogInsertEndRecPtr() }
+    } else {
+        end
+    };
+    if with_held {
+        commits.max(UNFLUSHED_RECORDS.with(|u| u.get().0))
+    } else {
+        commits
+    }
+}
+
+/// Makes sure the commits of the messages about to be sent are on disk. A transaction committed
+/// with synchronous_commit off is visible before its commit record is flushed: sent at once, its
+/// message would outlive it if the server crashed before the WAL writer came round (a phantom
+/// event, as if it had been sent before COMMIT). With synchronous commits only, there is nothing
+/// to flush.
+pub fn flush_commits(commits_end: u64) {
+    unsafe {
+        if commits_end > 0 && pg_sys::XLogNeedsFlush(commits_end) {
+            pg_sys::XLogFlush(commits_end);
+        }
     }
 }
 

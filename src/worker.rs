@@ -26,20 +26,31 @@ enum Wake {
     Timeout,
 }
 
-/// Sleeps on the latch; a commit that enqueued (or SIGHUP/SIGTERM) sets it.
+/// How long the worker sleeps at most before it looks for a DROP DATABASE: DROP DATABASE waits
+/// 5 s for the database's sessions to leave, and on Postgres 15 nothing wakes a background worker
+/// for it, while a reconnect backoff or `pg_outbox.poll_interval` can be a minute.
+const DROP_CHECK: Duration = Duration::from_secs(1);
+
+/// Sleeps on the latch; a commit that enqueued (or SIGHUP/SIGTERM) sets it. Returns early, as a
+/// timeout, when the database is being dropped: the next cycle's read sees it and the worker exits.
 fn wait(timeout: Duration) -> Wake {
-    let millis = timeout.as_millis().clamp(1, i64::from(i32::MAX) as u128) as std::ffi::c_long;
-    let flags = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
-    let rc = unsafe {
-        let rc = pg_sys::WaitLatch(pg_sys::MyLatch, flags as i32, millis, pg_sys::PG_WAIT_EXTENSION);
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-        pg_sys::check_for_interrupts!();
-        rc
-    };
-    if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
-        Wake::Latch
-    } else {
-        Wake::Timeout
+    let deadline = Instant::now() + timeout;
+    loop {
+        let slice = deadline.saturating_duration_since(Instant::now()).min(DROP_CHECK);
+        let millis = slice.as_millis().clamp(1, i64::from(i32::MAX) as u128) as std::ffi::c_long;
+        let flags = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+        let rc = unsafe {
+            let rc = pg_sys::WaitLatch(pg_sys::MyLatch, flags as i32, millis, pg_sys::PG_WAIT_EXTENSION);
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+            pg_sys::check_for_interrupts!();
+            rc
+        };
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+            return Wake::Latch;
+        }
+        if Instant::now() >= deadline || store::database_drop_pending() {
+            return Wake::Timeout;
+        }
     }
 }
 
@@ -289,6 +300,7 @@ impl Worker {
             Vec::new()
         } else {
             self.set_state(WorkerState::Forwarding);
+            store::flush_commits(batch.commits_end);
             store::flush_recorded(plan.send.len() as i64, batch_size);
             shmem::update(self.slot, |s| s.in_flight = plan.send.len() as i32);
             // A backlog of plain fresh messages: read the next batch while the broker acknowledges
@@ -347,7 +359,11 @@ impl Worker {
             }
             return Next::Sleep(self.reconnect_delay());
         }
-        self.broker_connected();
+        // Only a batch that went to the broker says it is reachable (one of held messages only
+        // did not ask it).
+        if !plan.send.is_empty() {
+            self.broker_connected();
+        }
         if outcome.refused.is_empty() {
             self.read_ahead = match read_ahead {
                 Some(Work::Batch(next)) => Some(next),
@@ -490,6 +506,9 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     // otherwise resend more than pg_outbox.batch_size messages. WAL is flushed in order: no later
     // state survives an earlier lost one.
     worker_setting(c"synchronous_commit", c"off");
+    // The worker runs as the bootstrap superuser: a function or operator a database owner puts in
+    // public (convert_from, say, with argument types that match better) must not be what it calls.
+    worker_setting(c"search_path", c"pg_catalog, pg_temp");
     // Every statement of the worker is built to walk an index, and the statistics of the slot
     // partitions are always stale (insert-only, TRUNCATEd every few seconds), so the planner
     // cannot see how few rows are unsettled or that a backlog is read in id order. When it

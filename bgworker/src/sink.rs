@@ -8,6 +8,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::metadata::Metadata;
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka_sys::{rd_kafka_vtype_t as vtype, rd_kafka_vu_s__bindgen_ty_1 as VuValue, rd_kafka_vu_t};
 
@@ -279,7 +280,11 @@ impl KafkaSink {
     /// Makes sure every topic exists, creating missing ones if allowed. A topic that does not exist
     /// and may not be created is left alone: its messages are refused by the broker and follow
     /// the retry/dead-letter path.
-    pub fn ensure_topics<'a>(&mut self, topics: impl IntoIterator<Item = &'a str>) -> Result<(), BatchError> {
+    pub fn ensure_topics<'a>(
+        &mut self,
+        topics: impl IntoIterator<Item = &'a str>,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<(), BatchError> {
         let mut previous = None;
         let wanted: Vec<String> = topics
             .into_iter()
@@ -290,11 +295,7 @@ impl KafkaSink {
             .into_iter()
             .collect();
         for topic in wanted {
-            let metadata = self
-                .producer
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                .map_err(|e| BatchError::Unavailable(self.explained(&format!("cannot fetch metadata: {e}"))))?;
+            let metadata = self.topic_metadata(&topic, should_stop)?;
             let exists = metadata
                 .topics()
                 .iter()
@@ -316,6 +317,28 @@ impl KafkaSink {
             self.topics.insert(topic, TopicHandle(handle));
         }
         Ok(())
+    }
+
+    /// The broker's metadata for `topic`, asked for in attempts of a second, up to 5 s in all, so
+    /// that `should_stop` is heard between them (a DROP DATABASE waits only 5 s for the worker).
+    fn topic_metadata(&self, topic: &str, should_stop: &dyn Fn() -> bool) -> Result<Metadata, BatchError> {
+        const ATTEMPT: Duration = Duration::from_secs(1);
+        let deadline = Instant::now() + 5 * ATTEMPT;
+        loop {
+            let started = Instant::now();
+            let error = match self.producer.client().fetch_metadata(Some(topic), ATTEMPT) {
+                Ok(metadata) => return Ok(metadata),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(BatchError::Unavailable(self.explained(&format!("cannot fetch metadata: {error}"))));
+            }
+            if should_stop() {
+                return Err(BatchError::Interrupted);
+            }
+            // An attempt that failed at once is not retried in a tight loop.
+            std::thread::sleep(ATTEMPT.saturating_sub(started.elapsed()));
+        }
     }
 
     /// `what` went wrong, with librdkafka's latest error since a message was last acknowledged.
@@ -351,7 +374,7 @@ impl KafkaSink {
         message_ids: &MessageIds,
         should_stop: &dyn Fn() -> bool,
     ) -> Result<InFlight, BatchError> {
-        self.ensure_topics(messages.iter().map(|m| m.topic.as_str()))?;
+        self.ensure_topics(messages.iter().map(|m| m.topic.as_str()), should_stop)?;
         let since = Instant::now();
         let batch = {
             let mut filed = self.producer.context().filed();

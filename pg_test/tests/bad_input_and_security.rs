@@ -103,20 +103,44 @@ fn a_user_schema_cannot_hijack_the_functions_through_search_path() {
         .unwrap();
     let mut app = connect_as(&c, "app");
     // Shadow functions and operators the enqueue code uses; SECURITY DEFINER code must not call them.
+    // The operators match exactly where pg_catalog's need a cast (oid = regclass), or have the same
+    // argument types and come first in the path (name = name); each records who ran it.
     app.batch_execute(
         "CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql AS $$ SELECT 'epoch'::timestamptz $$;
          CREATE FUNCTION evil.octet_length(jsonb) RETURNS int LANGUAGE sql AS $$ SELECT 0 $$;
          CREATE TABLE evil.messages (id bigint);
-         SET search_path = evil, public;",
+         CREATE TABLE evil.captured (who text, operator text);
+         CREATE FUNCTION evil.oid_eq(oid, regclass) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN
+             INSERT INTO evil.captured VALUES (current_user, 'oid = regclass');
+             RETURN $1 OPERATOR(pg_catalog.=) $2::oid;
+           END $$;
+         CREATE OPERATOR evil.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = evil.oid_eq);
+         CREATE FUNCTION evil.name_eq(name, name) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN
+             INSERT INTO evil.captured VALUES (current_user, 'name = name');
+             RETURN $1::text OPERATOR(pg_catalog.=) $2::text;
+           END $$;
+         CREATE OPERATOR evil.= (LEFTARG = name, RIGHTARG = name, FUNCTION = evil.name_eq);
+         SET search_path = evil, pg_catalog, public;",
     )
     .unwrap();
     let id: i64 = app.query_one("SELECT outbox.enqueue_message('hijack', '{\"a\": 1}'::jsonb)", &[]).unwrap().get(0);
+    app.execute("SELECT outbox.enqueue_message('hijack', '{}'::jsonb, deliver_after => interval '1 hour')", &[])
+        .unwrap();
     let row = admin
         .query_one("SELECT enqueued_at > now() - interval '1 minute' FROM outbox.messages WHERE id = $1", &[&id])
         .unwrap();
     assert!(row.get::<_, bool>(0), "the real now() was used");
     let shadow: i64 = admin.query_one("SELECT count(*) FROM evil.messages", &[]).unwrap().get(0);
     assert_eq!(shadow, 0);
+    let captured: Vec<String> = admin
+        .query("SELECT who || ' ran ' || operator FROM evil.captured", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(captured.is_empty(), "the caller's operators ran inside enqueue_message: {captured:?}");
 }
 
 #[test]

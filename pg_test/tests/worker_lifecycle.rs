@@ -256,6 +256,48 @@ fn drop_database_is_not_blocked_by_a_batch_waiting_for_a_broker_that_went_away()
 }
 
 #[test]
+fn drop_database_is_not_blocked_by_a_worker_sleeping_out_a_long_reconnect_backoff() {
+    // Nobody listens on port 1: every attempt fails, and the worker waits 30 s between attempts.
+    let c = Cluster::start_with_databases("127.0.0.1:1", "pg_outbox.retry_backoff = '30s'", &["shop", "scratch"]);
+    let mut scratch = c.client_for("scratch");
+    scratch.batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    scratch.batch_execute("SELECT outbox.enqueue_message('backoff', '1'::jsonb)").unwrap();
+    wait_for_broker_state(&mut scratch, "unavailable", WAIT);
+    wait_for("the worker between attempts, not waiting for a batch", WAIT, || {
+        let in_flight: i32 = scratch
+            .query_one("SELECT in_flight FROM outbox.worker_status WHERE database = current_database()", &[])
+            .unwrap()
+            .get(0);
+        in_flight == 0
+    });
+    drop(scratch);
+    // It succeeds only if the worker left within DROP DATABASE's own 5 s wait (else 55006).
+    let started = Instant::now();
+    c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
+    eprintln!("DROP DATABASE took {:?}", started.elapsed());
+    assert!(c.log().contains("database is being dropped or renamed, worker exits"));
+}
+
+#[test]
+fn a_database_dropped_and_created_again_more_times_than_there_are_worker_slots_still_gets_a_worker() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_with_databases(&bootstrap, "pg_outbox.poll_interval = '100ms'", &["shop", "scratch"]);
+    let mut postgres = c.client_for("postgres");
+    // Each database created has an OID of its own: 34 of them and shop, for 32 slots in shared
+    // memory.
+    for round in 1..=33 {
+        assert!(c.worker_pid_of("scratch", WAIT).is_some(), "no worker for scratch in round {round}");
+        postgres.batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
+        postgres.batch_execute("CREATE DATABASE scratch").unwrap();
+    }
+    c.client_for("scratch").batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let topic = unique("after-many-drops");
+    c.client_for("scratch").batch_execute(&format!("SELECT outbox.enqueue_message('{topic}', '1'::jsonb)")).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1, "the 34th scratch database forwards");
+    assert!(!c.log().contains("no free worker slot"), "a worker found no slot");
+}
+
+#[test]
 fn a_killed_worker_restarts_with_the_cluster_and_delivers_what_was_committed() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     let c = Cluster::start(&bootstrap, "");
@@ -291,6 +333,44 @@ fn an_immediate_shutdown_loses_nothing_committed() {
     distinct.dedup();
     assert_eq!(distinct, (0..210).collect::<Vec<_>>());
     assert!(c.wait_until_drained(WAIT));
+}
+
+#[test]
+fn a_message_of_an_asynchronous_commit_is_sent_only_once_that_commit_is_on_disk() {
+    // The WAL writer flushes asynchronous commits every 10 s here: a crash of the machine within
+    // that loses a commit the worker could already see, and its message must not be in Kafka then.
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "wal_writer_delay = '10s'");
+    let mut db = c.client();
+    db.batch_execute("CREATE TABLE orders (id int)").unwrap();
+    db.batch_execute("SET synchronous_commit = off").unwrap();
+    // Pages of WAL wake the WAL writer, which flushes them (its last flush was long ago); the
+    // asynchronous commits after it wait for its next round, 10 s later.
+    db.batch_execute("INSERT INTO orders SELECT generate_series(1000, 2000)").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let topic = unique("async-commit");
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute(&format!("INSERT INTO orders VALUES (1); SELECT outbox.enqueue_message('{topic}', '1'::jsonb)"))
+        .unwrap();
+    // Where the commit record goes: nothing else writes WAL between this and the COMMIT.
+    let commit_at: String = tx.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+    tx.commit().unwrap();
+    let started = Instant::now();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    let (flushed, flush_at): (bool, String) = db
+        .query_one(
+            "SELECT pg_current_wal_flush_lsn() > $1::text::pg_lsn, pg_current_wal_flush_lsn()::text",
+            &[&commit_at],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "read within the WAL writer's delay");
+    assert!(flushed, "Kafka has the event of a commit at {commit_at} with the WAL flushed to {flush_at} only");
+    // And what Kafka has survives a crash.
+    c.stop("immediate");
+    c.restart_stopped();
+    let orders: i64 = c.client().query_one("SELECT count(*) FROM orders WHERE id = 1", &[]).unwrap().get(0);
+    assert_eq!(orders, 1);
 }
 
 #[test]

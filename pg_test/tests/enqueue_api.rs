@@ -211,11 +211,16 @@ fn a_read_only_transaction_cannot_enqueue() {
 fn a_slot_with_a_trigger_a_check_or_a_default_of_its_own_is_written_through_an_insert() {
     let c = cluster();
     let mut db = c.client();
-    // What a direct write would skip: a trigger, and a column with a default (NOT NULL).
+    // What a direct write would skip: a trigger, and a column with a default (NOT NULL). The
+    // trigger runs inside enqueue_message, as the extension's owner: with search_path
+    // pg_catalog, pg_temp, not the caller's, so it names its table with its schema.
     db.batch_execute(
-        "CREATE TABLE audit (id bigint);
+        "CREATE TABLE audit (id bigint, search_path text);
          CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN INSERT INTO audit VALUES (NEW.id); RETURN NEW; END $$;",
+             $$ BEGIN
+                  INSERT INTO public.audit VALUES (NEW.id, current_setting('search_path'));
+                  RETURN NEW;
+                END $$;",
     )
     .unwrap();
     for slot in 0..4 {
@@ -225,8 +230,9 @@ fn a_slot_with_a_trigger_a_check_or_a_default_of_its_own_is_written_through_an_i
         .unwrap();
     }
     let id: i64 = db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap().get(0);
-    let audited: Vec<i64> = db.query("SELECT id FROM audit", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(audited, vec![id], "the trigger fired for the message");
+    let audited: Vec<(i64, String)> =
+        db.query("SELECT id, search_path FROM audit", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(audited, vec![(id, "pg_catalog, pg_temp".to_string())], "the trigger fired for the message");
     db.batch_execute("ALTER TABLE outbox.messages ADD COLUMN region text NOT NULL DEFAULT 'eu'").unwrap();
     let id: i64 = db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap().get(0);
     let region: String = db.query_one("SELECT region FROM outbox.messages WHERE id = $1", &[&id]).unwrap().get(0);

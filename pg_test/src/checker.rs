@@ -431,8 +431,15 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
         report.how.push_str(" (outbox not drained after 180 s)");
     }
     let log = cluster.log();
-    let notable: Vec<&str> =
-        log.lines().filter(|l| ["pg_outbox", "ERROR", "FATAL", "PANIC"].iter().any(|w| l.contains(w))).collect();
+    // The workload's own failing statements (client backends' ERRORs, hundreds of them) would
+    // push the worker's lines out of the tail.
+    let notable: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("pg_outbox")
+                || (["ERROR", "FATAL", "PANIC"].iter().any(|w| l.contains(w)) && !l.contains("client backend"))
+        })
+        .collect();
     report.server_log_tail = notable[notable.len().saturating_sub(60)..].join("\n");
     report
 }

@@ -9,7 +9,9 @@ use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
-use pg_outbox_bgworker::{flush_before_sending, OutboundMessage, SnapshotBounds, TopicCount};
+use pg_outbox_bgworker::{
+    cut_held_runs, flush_before_sending, held_lines_to_read, HeldLine, OutboundMessage, SnapshotBounds, TopicCount,
+};
 
 use crate::{message_reader, shmem};
 
@@ -307,7 +309,8 @@ pub struct Batch {
     pub backlog_starts_after: Option<i64>,
     /// Fresh messages of the window, in delivery order.
     pub fresh: Vec<OutboundMessage>,
-    /// Held messages that are due: the oldest of each key, topic not paused.
+    /// Held messages that are due, topic not paused: a run of each key's line from its head (the
+    /// head alone if it failed before; see held_lines_to_read), and those without a key.
     pub retries: Vec<OutboundMessage>,
     pub blocked_keys: HashSet<(String, String)>,
     pub paused_topics: HashSet<String>,
@@ -479,11 +482,30 @@ fn read_destinations(client: &SpiClient, batch: &mut Batch) -> SpiResult<()> {
 const IN_LINE: &str = "NOT (h.delayed AND h.attempts = 0 AND h.next_attempt_at > now())";
 
 fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
-    let columns = message_reader::columns(true);
-    // As UTF-8 bytes, like the messages' own topics and keys (see message_reader).
+    // Each key's line by its head, found by skipping from key to key down the (topic, key, seq)
+    // index: a scan of every held row per cycle (DISTINCT) grew with a paused topic's backlog.
+    // Every key with a message in line blocks its fresh messages; the due heads of topics not
+    // paused lead what is read. (These statements compare rows, or order by the key, where an
+    // equality would let the primary key's seq order serve: with the table's statistics stale,
+    // as they mostly are, the planner took that walk over every held row, filtered, per key.)
+    let mut lines = Vec::new();
     for row in client.select(
         &format!(
-            "SELECT DISTINCT {}, {} FROM outbox.held_messages h WHERE key IS NOT NULL AND {IN_LINE}",
+            "WITH RECURSIVE heads(topic, key, seq, attempts, due) AS (
+                 (SELECT h.topic, h.key, h.seq, h.attempts, h.next_attempt_at <= now()
+                  FROM outbox.held_messages h
+                  WHERE h.key IS NOT NULL AND {IN_LINE}
+                  ORDER BY h.topic, h.key, h.seq LIMIT 1)
+               UNION ALL
+                 SELECT n.* FROM heads k CROSS JOIN LATERAL (
+                     SELECT h.topic, h.key, h.seq, h.attempts, h.next_attempt_at <= now()
+                     FROM outbox.held_messages h
+                     WHERE h.key IS NOT NULL AND (h.topic, h.key) > (k.topic, k.key) AND {IN_LINE}
+                     ORDER BY h.topic, h.key, h.seq LIMIT 1) n
+             )
+             SELECT {}, {}, seq, attempts, due,
+                    EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = heads.topic AND t.paused)
+             FROM heads",
             message_reader::utf8_bytes("topic"),
             message_reader::utf8_bytes("key")
         ),
@@ -493,28 +515,56 @@ fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResul
         if let (Some(t), Some(k)) = (row.get::<Vec<u8>>(1)?, row.get::<Vec<u8>>(2)?) {
             batch.blocked_keys.insert((message_reader::utf8(t), message_reader::utf8(k)));
         }
+        lines.push(HeldLine {
+            head_seq: row.get(3)?.unwrap_or_default(),
+            head_attempts: row.get(4)?.unwrap_or_default(),
+            due: row.get(5)?.unwrap_or(false),
+            paused: row.get(6)?.unwrap_or(false),
+        });
     }
-    // The head of each key (messages without a key are each their own line), if it is due and
-    // its topic is not paused.
-    let heads = message_reader::select_messages(
-        "read_held_heads",
+    let (heads, counts): (Vec<i64>, Vec<i32>) =
+        held_lines_to_read(lines, usize::try_from(batch_size).unwrap_or(1)).into_iter().unzip();
+    // The keyed lines' runs, and messages without a key (each its own line) that are due, by
+    // topic (a topic at a time down the same index), in line order.
+    let mut held = message_reader::select_messages(
+        "read_held_lines",
         &format!(
-            "SELECT {columns}, attempts FROM (
-                 SELECT DISTINCT ON (h.topic, h.key, CASE WHEN h.key IS NULL THEN h.seq END) h.*
-                 FROM outbox.held_messages h
-                 WHERE NOT EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = h.topic AND t.paused)
-                   AND {IN_LINE}
-                 ORDER BY h.topic, h.key, CASE WHEN h.key IS NULL THEN h.seq END, h.seq
-             ) head
-             WHERE next_attempt_at <= now()
-             ORDER BY seq LIMIT $1"
+            "WITH RECURSIVE topics(topic) AS (
+                 (SELECT h.topic FROM outbox.held_messages h ORDER BY h.topic LIMIT 1)
+               UNION ALL
+                 SELECT (SELECT h.topic FROM outbox.held_messages h WHERE h.topic > t.topic ORDER BY h.topic LIMIT 1)
+                 FROM topics t WHERE t.topic IS NOT NULL
+             )
+             SELECT {}, attempts FROM (
+                 SELECT r.* FROM unnest($1::int8[], $2::int4[]) AS l(head_seq, n)
+                 JOIN outbox.held_messages hd ON hd.seq = l.head_seq
+                 CROSS JOIN LATERAL (
+                     SELECT h.* FROM outbox.held_messages h
+                     WHERE h.topic = hd.topic AND (h.key, h.seq) >= (hd.key, hd.seq) AND h.key <= hd.key
+                       AND {IN_LINE}
+                     ORDER BY h.key, h.seq LIMIT l.n) r
+               UNION ALL
+                 SELECT r.* FROM topics t CROSS JOIN LATERAL (
+                     SELECT h.* FROM outbox.held_messages h
+                     WHERE h.topic = t.topic AND h.key IS NULL AND h.next_attempt_at <= now()
+                     ORDER BY h.key, h.seq LIMIT $3) r
+                 WHERE t.topic IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM outbox.topics p WHERE p.topic = t.topic AND p.paused)
+             ) held
+             ORDER BY seq LIMIT $3",
+            message_reader::columns(true)
         ),
-        &[batch_size.into()],
+        &[heads.into(), counts.into(), batch_size.into()],
         true,
-        // Usually a few.
+        // Usually a few; a batch while a resumed topic drains.
         0,
     );
-    batch.retries.extend(heads);
+    cut_held_runs(&mut held);
+    batch.retries.extend(held);
+    // Only needed to sleep until then: with messages to retry now the worker goes on at once.
+    if !batch.retries.is_empty() {
+        return Ok(());
+    }
     batch.next_due_in = client
         .select(
             "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8 FROM outbox.held_messages h

@@ -13,7 +13,7 @@ pub mod text_forms;
 
 pub use counters::{TopicCount, TopicCounters};
 pub use message::{parse_headers, OutboundMessage};
-pub use plan::{plan_batch, Plan};
+pub use plan::{cut_held_runs, held_lines_to_read, plan_batch, HeldLine, Plan};
 pub use policy::{
     flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, Rebootstrap, SendFailure,
 };

@@ -37,6 +37,53 @@ pub fn plan_batch(
     plan
 }
 
+/// The line of one key in `outbox.held_messages`, by its first message in line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLine {
+    pub head_seq: i64,
+    /// Failed attempts of the head: a retry goes out alone.
+    pub head_attempts: i32,
+    pub due: bool,
+    pub paused: bool,
+}
+
+/// Which keys' lines of held messages to read this cycle, as (head seq, how many from the head).
+///
+/// A line whose head never failed (held behind a paused topic, or behind a retry that has
+/// since gone out) is read as a run, up to an even share of the batch: one message per key and
+/// cycle would drain a resumed topic of four keys at about a hundred messages a second, while
+/// its keys' new messages keep joining the line. A head that failed before goes out alone, so
+/// that nothing of its key overtakes it should it fail again. The lines whose heads came first
+/// go first; at most a batch of lines is read.
+pub fn held_lines_to_read(mut lines: Vec<HeldLine>, batch_size: usize) -> Vec<(i64, i32)> {
+    lines.retain(|l| l.due && !l.paused);
+    lines.sort_unstable_by_key(|l| l.head_seq);
+    lines.truncate(batch_size.max(1));
+    let share = i32::try_from(batch_size.div_ceil(lines.len().max(1))).unwrap_or(i32::MAX).max(1);
+    lines.iter().map(|l| (l.head_seq, if l.head_attempts > 0 { 1 } else { share })).collect()
+}
+
+/// Ends each key's run before the first message behind its head that failed before: that one
+/// leads its line next cycle, alone. `held` are in line order (held_messages' seq).
+pub fn cut_held_runs(held: &mut Vec<OutboundMessage>) {
+    let keep: Vec<bool> = {
+        let mut seen: HashSet<(&str, &str)> = HashSet::new();
+        let mut cut: HashSet<(&str, &str)> = HashSet::new();
+        held.iter()
+            .map(|m| {
+                let Some(key) = m.key.as_deref() else { return true };
+                let line = (m.topic.as_str(), key);
+                if !seen.insert(line) && m.attempts > 0 {
+                    cut.insert(line);
+                }
+                !cut.contains(&line)
+            })
+            .collect()
+    };
+    let mut keep = keep.into_iter();
+    held.retain(|_| keep.next().unwrap_or(false));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +131,42 @@ mod tests {
         );
         assert_eq!(plan.send.iter().map(|m| m.id).collect::<Vec<_>>(), vec![9, 11]);
         assert_eq!(plan.hold.iter().map(|m| m.id).collect::<Vec<_>>(), vec![10]);
+    }
+
+    fn line(head_seq: i64, head_attempts: i32, due: bool, paused: bool) -> HeldLine {
+        HeldLine { head_seq, head_attempts, due, paused }
+    }
+
+    #[test]
+    fn held_lines_are_read_as_runs_sharing_the_batch_and_a_failed_head_goes_alone() {
+        let lines = vec![line(30, 0, true, false), line(10, 0, true, false), line(20, 2, true, false)];
+        assert_eq!(held_lines_to_read(lines, 500), vec![(10, 167), (20, 1), (30, 167)]);
+    }
+
+    #[test]
+    fn held_lines_not_due_or_paused_are_not_read_and_at_most_a_batch_of_lines_is() {
+        let lines =
+            vec![line(1, 0, false, false), line(2, 0, true, true), line(3, 0, true, false), line(4, 1, true, false)];
+        assert_eq!(held_lines_to_read(lines.clone(), 500), vec![(3, 250), (4, 1)]);
+        assert_eq!(held_lines_to_read(lines, 1), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn a_run_ends_before_a_message_that_failed_before_and_other_keys_go_on() {
+        let failed = |mut m: OutboundMessage| {
+            m.attempts = 1;
+            m
+        };
+        let mut held = vec![
+            msg(1, "t", Some("a")),
+            msg(2, "t", Some("b")),
+            failed(msg(3, "t", Some("a"))),
+            msg(4, "t", Some("a")),
+            msg(5, "t", Some("b")),
+            failed(msg(6, "t", None)),
+            failed(msg(7, "u", Some("a"))),
+        ];
+        cut_held_runs(&mut held);
+        assert_eq!(held.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 5, 6, 7]);
     }
 }

@@ -31,6 +31,38 @@ fn a_paused_topic_keeps_its_messages_until_resumed_and_other_topics_flow() {
 }
 
 #[test]
+fn a_resumed_topic_drains_its_backlog_in_batches_not_a_message_per_key_per_cycle() {
+    let (c, bootstrap) = kafka_cluster("");
+    let topic = unique("resumed");
+    let mut db = c.client();
+    db.execute("SELECT outbox.pause_topic($1)", &[&topic]).unwrap();
+    let enqueue = "SELECT count(outbox.enqueue_message($1, jsonb_build_object('i', i, 'pad', repeat('x', 250)),
+                                                     key => (i % 4)::text))
+                   FROM generate_series($2::int, $3::int) i";
+    db.execute(enqueue, &[&topic, &1, &20_000]).unwrap();
+    wait_for("the paused messages to be held", WAIT, || {
+        db.query_one("SELECT count(*) FROM outbox.held_messages", &[]).unwrap().get::<_, i64>(0) == 20_000
+    });
+    db.execute("SELECT outbox.resume_topic($1)", &[&topic]).unwrap();
+    let resumed = Instant::now();
+    // Messages of the same keys committed while the line drains join it at its end.
+    db.execute(enqueue, &[&topic, &20_001, &20_200]).unwrap();
+    let records = read_topic(&bootstrap, &topic, 20_200, Duration::from_secs(120));
+    let took = resumed.elapsed();
+    assert_eq!(records.len(), 20_200);
+    // One message per key and cycle took 168 s here for the first 20,000.
+    assert!(took < Duration::from_secs(30), "20,200 messages of 4 keys took {took:?} after resume_topic");
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for r in &records {
+        let value: serde_json::Value = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+        let i = value["i"].as_i64().unwrap();
+        let key = r.key.clone().unwrap();
+        assert!(last.insert(key.clone(), i).is_none_or(|before| before < i), "key {key}: {i} came after a later one");
+    }
+    assert!(c.wait_until_drained(WAIT));
+}
+
+#[test]
 fn a_delayed_message_waits_for_its_time_without_blocking_its_key() {
     let (c, bootstrap) = kafka_cluster("");
     let topic = unique("delayed");

@@ -20,7 +20,7 @@ use pgrx::{JsonB, PgSqlErrorCode};
 
 use crate::api::{check_message, invalid, wake_on_commit};
 use crate::message_writer::{self, MessageRow};
-use crate::store::{extension_version, SQL_VERSION};
+use crate::store::{extension_version, ENQUEUE_SQL_VERSIONS, SQL_VERSION};
 use crate::{guc, shmem};
 
 thread_local! {
@@ -217,7 +217,7 @@ fn insert(slot: i16, args: &[DatumWithOid]) -> Result<i64, StoreError> {
                 // After a new library is installed and before ALTER EXTENSION UPDATE, the
                 // table may lack a column this INSERT names: say what to do instead.
                 let version = extension_version(client)?;
-                if version != SQL_VERSION {
+                if !ENQUEUE_SQL_VERSIONS.contains(&version.as_str()) {
                     return Err(StoreError::OutdatedSql(version));
                 }
                 let sql = format!(

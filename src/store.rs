@@ -126,7 +126,12 @@ fn on_state_row<'c>(
 }
 
 /// The version of the extension's SQL objects this library works with.
-pub const SQL_VERSION: &str = "0.4.0";
+pub const SQL_VERSION: &str = "0.5.0";
+
+/// The versions whose tables `enqueue_message` writes as it does at SQL_VERSION: between the
+/// install of this library and ALTER EXTENSION UPDATE from one of them, enqueueing goes on (the
+/// worker waits for the update).
+pub const ENQUEUE_SQL_VERSIONS: [&str; 2] = ["0.4.0", SQL_VERSION];
 
 thread_local! {
     /// The extension's OID last seen, and when its SQL objects were last found at SQL_VERSION.
@@ -349,7 +354,7 @@ pub fn read_batch(batch_size: i64, after: Option<&WindowPosition>) -> Work {
         if !extension_installed() {
             return Work::NoExtension;
         }
-        Spi::connect(|client| -> SpiResult<Work> {
+        Spi::connect_mut(|client| -> SpiResult<Work> {
             if let Some(version) = extension_outdated(client)? {
                 return Ok(Work::OutdatedExtension(version));
             }
@@ -478,32 +483,52 @@ fn read_destinations(client: &SpiClient, batch: &mut Batch) -> SpiResult<()> {
     Ok(())
 }
 
-/// A delayed message that is not due yet stands outside its key's line: it blocks nothing.
-const IN_LINE: &str = "NOT (h.delayed AND h.attempts = 0 AND h.next_attempt_at > now())";
+/// Held messages in their key's line: all but the delayed ones not due yet, which block nothing
+/// until `read_held` moves them in. Written as the predicate of held_messages_line_idx, so that
+/// every statement over lines can use that index.
+const IN_LINE: &str = "NOT h.delayed";
 
-fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
-    // Each key's line by its head, found by skipping from key to key down the (topic, key, seq)
-    // index: a scan of every held row per cycle (DISTINCT) grew with a paused topic's backlog.
-    // Every key with a message in line blocks its fresh messages; the due heads of topics not
-    // paused lead what is read. (These statements compare rows, or order by the key, where an
-    // equality would let the primary key's seq order serve: with the table's statistics stale,
-    // as they mostly are, the planner took that walk over every held row, filtered, per key.)
+/// The topics with held messages in line, one index descent each.
+const TOPICS_IN_LINE: &str = "topics(topic) AS (
+        (SELECT h.topic FROM outbox.held_messages h WHERE NOT h.delayed ORDER BY h.topic LIMIT 1)
+      UNION ALL
+        SELECT (SELECT h.topic FROM outbox.held_messages h
+                WHERE NOT h.delayed AND h.topic > t.topic ORDER BY h.topic LIMIT 1)
+        FROM topics t WHERE t.topic IS NOT NULL
+    )";
+
+fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
+    // Delayed messages that fell due join their keys' lines, by their seq (their place at
+    // enqueue). They are found by their own index: a million messages scheduled for tomorrow
+    // cost a cycle nothing today. Only the worker changes held rows, so this write cannot meet
+    // a concurrent update in the repeatable read transaction.
+    client.update(
+        "UPDATE outbox.held_messages SET delayed = false WHERE delayed AND next_attempt_at <= now()",
+        None,
+        &[],
+    )?;
+    // Each key's line by its head, found by skipping from key to key down the line index: a scan
+    // of every held row per cycle grew with a paused topic's backlog. Every key with a message
+    // in line blocks its fresh messages; the due heads of topics not paused lead what is read.
+    // (These statements compare rows, or order by the key, where an equality would let the
+    // primary key's seq order serve: with the table's statistics stale, as they mostly are, the
+    // planner took that walk over every held row, filtered, per key.)
     let mut lines = Vec::new();
     for row in client.select(
         &format!(
-            "WITH RECURSIVE heads(topic, key, seq, attempts, due) AS (
-                 (SELECT h.topic, h.key, h.seq, h.attempts, h.next_attempt_at <= now()
+            "WITH RECURSIVE heads(topic, key, seq, attempts, next_attempt_at) AS (
+                 (SELECT h.topic, h.key, h.seq, h.attempts, h.next_attempt_at
                   FROM outbox.held_messages h
                   WHERE h.key IS NOT NULL AND {IN_LINE}
                   ORDER BY h.topic, h.key, h.seq LIMIT 1)
                UNION ALL
                  SELECT n.* FROM heads k CROSS JOIN LATERAL (
-                     SELECT h.topic, h.key, h.seq, h.attempts, h.next_attempt_at <= now()
+                     SELECT h.topic, h.key, h.seq, h.attempts, h.next_attempt_at
                      FROM outbox.held_messages h
                      WHERE h.key IS NOT NULL AND (h.topic, h.key) > (k.topic, k.key) AND {IN_LINE}
                      ORDER BY h.topic, h.key, h.seq LIMIT 1) n
              )
-             SELECT {}, {}, seq, attempts, due,
+             SELECT {}, {}, seq, attempts, extract(epoch FROM next_attempt_at - now())::float8,
                     EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = heads.topic AND t.paused)
              FROM heads",
             message_reader::utf8_bytes("topic"),
@@ -518,10 +543,11 @@ fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResul
         lines.push(HeldLine {
             head_seq: row.get(3)?.unwrap_or_default(),
             head_attempts: row.get(4)?.unwrap_or_default(),
-            due: row.get(5)?.unwrap_or(false),
+            due_in: row.get(5)?.unwrap_or_default(),
             paused: row.get(6)?.unwrap_or(false),
         });
     }
+    let heads_due_in = lines.iter().filter(|l| !l.paused).map(|l| l.due_in).reduce(f64::min);
     let (heads, counts): (Vec<i64>, Vec<i32>) =
         held_lines_to_read(lines, usize::try_from(batch_size).unwrap_or(1)).into_iter().unzip();
     // The keyed lines' runs, and messages without a key (each its own line) that are due, by
@@ -529,12 +555,7 @@ fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResul
     let mut held = message_reader::select_messages(
         "read_held_lines",
         &format!(
-            "WITH RECURSIVE topics(topic) AS (
-                 (SELECT h.topic FROM outbox.held_messages h ORDER BY h.topic LIMIT 1)
-               UNION ALL
-                 SELECT (SELECT h.topic FROM outbox.held_messages h WHERE h.topic > t.topic ORDER BY h.topic LIMIT 1)
-                 FROM topics t WHERE t.topic IS NOT NULL
-             )
+            "WITH RECURSIVE {TOPICS_IN_LINE}
              SELECT {}, attempts FROM (
                  SELECT r.* FROM unnest($1::int8[], $2::int4[]) AS l(head_seq, n)
                  JOIN outbox.held_messages hd ON hd.seq = l.head_seq
@@ -546,7 +567,7 @@ fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResul
                UNION ALL
                  SELECT r.* FROM topics t CROSS JOIN LATERAL (
                      SELECT h.* FROM outbox.held_messages h
-                     WHERE h.topic = t.topic AND h.key IS NULL AND h.next_attempt_at <= now()
+                     WHERE h.topic = t.topic AND h.key IS NULL AND {IN_LINE} AND h.next_attempt_at <= now()
                      ORDER BY h.key, h.seq LIMIT $3) r
                  WHERE t.topic IS NOT NULL
                    AND NOT EXISTS (SELECT 1 FROM outbox.topics p WHERE p.topic = t.topic AND p.paused)
@@ -565,15 +586,25 @@ fn read_held(client: &SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResul
     if !batch.retries.is_empty() {
         return Ok(());
     }
-    batch.next_due_in = client
+    // The next to fall due: a key's head, a message without a key (of a topic not paused), or a
+    // delayed message (paused or not: it moves into its line when due).
+    let others_due_in: Option<f64> = client
         .select(
-            "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8 FROM outbox.held_messages h
-             WHERE NOT EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = h.topic AND t.paused)",
+            &format!(
+                "WITH RECURSIVE {TOPICS_IN_LINE}
+                 SELECT extract(epoch FROM least(
+                     (SELECT min(h.next_attempt_at) FROM topics t
+                      JOIN outbox.held_messages h ON h.topic = t.topic AND h.key IS NULL AND {IN_LINE}
+                      WHERE NOT EXISTS (SELECT 1 FROM outbox.topics p WHERE p.topic = t.topic AND p.paused)),
+                     (SELECT min(h.next_attempt_at) FROM outbox.held_messages h WHERE h.delayed)
+                 ) - now())::float8"
+            ),
             Some(1),
             &[],
         )?
         .first()
         .get(1)?;
+    batch.next_due_in = [heads_due_in, others_due_in].into_iter().flatten().reduce(f64::min);
     Ok(())
 }
 

@@ -38,12 +38,13 @@ pub fn plan_batch(
 }
 
 /// The line of one key in `outbox.held_messages`, by its first message in line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeldLine {
     pub head_seq: i64,
     /// Failed attempts of the head: a retry goes out alone.
     pub head_attempts: i32,
-    pub due: bool,
+    /// Seconds until the head falls due (at most 0 when it is due).
+    pub due_in: f64,
     pub paused: bool,
 }
 
@@ -56,7 +57,7 @@ pub struct HeldLine {
 /// that nothing of its key overtakes it should it fail again. The lines whose heads came first
 /// go first; at most a batch of lines is read.
 pub fn held_lines_to_read(mut lines: Vec<HeldLine>, batch_size: usize) -> Vec<(i64, i32)> {
-    lines.retain(|l| l.due && !l.paused);
+    lines.retain(|l| l.due_in <= 0.0 && !l.paused);
     lines.sort_unstable_by_key(|l| l.head_seq);
     lines.truncate(batch_size.max(1));
     let share = i32::try_from(batch_size.div_ceil(lines.len().max(1))).unwrap_or(i32::MAX).max(1);
@@ -134,7 +135,7 @@ mod tests {
     }
 
     fn line(head_seq: i64, head_attempts: i32, due: bool, paused: bool) -> HeldLine {
-        HeldLine { head_seq, head_attempts, due, paused }
+        HeldLine { head_seq, head_attempts, due_in: if due { -0.5 } else { 2.0 }, paused }
     }
 
     #[test]

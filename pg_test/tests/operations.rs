@@ -11,6 +11,14 @@ fn kafka_cluster(conf: &str) -> (Cluster, String) {
     (Cluster::start(&bootstrap, conf), bootstrap)
 }
 
+/// A cluster with the extension's SQL objects at an older `version` than the library's.
+fn cluster_at_version(version: &str) -> (Cluster, String) {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_without_extension(&bootstrap, "");
+    c.client().batch_execute(&format!("CREATE EXTENSION pg_outbox VERSION '{version}'")).unwrap();
+    (c, bootstrap)
+}
+
 #[test]
 fn a_paused_topic_keeps_its_messages_until_resumed_and_other_topics_flow() {
     let (c, bootstrap) = kafka_cluster("");
@@ -99,6 +107,38 @@ fn a_delayed_message_waits_for_its_time_without_blocking_its_key() {
     .unwrap();
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(read_topic(&bootstrap, &topic, 3, Duration::from_secs(3)).len(), 3);
+}
+
+#[test]
+fn messages_scheduled_for_tomorrow_do_not_slow_the_delivery_of_todays() {
+    let (c, _bootstrap) = kafka_cluster("");
+    let (later, now) = (unique("tomorrow"), unique("today"));
+    let mut db = c.client();
+    db.execute(
+        "SELECT count(outbox.enqueue_message($1, to_jsonb(i), key => i::text, deliver_after => '1 day'))
+         FROM generate_series(1, 200000) i",
+        &[&later],
+    )
+    .unwrap();
+    let mut took: Vec<Duration> = (0..30)
+        .map(|i| {
+            let id: i64 = db
+                .query_one("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&now, &i])
+                .unwrap()
+                .get(0);
+            let committed = Instant::now();
+            let delivered: bool = db.query_one("SELECT outbox.wait_for_delivery($1, '10s')", &[&id]).unwrap().get(0);
+            assert!(delivered, "message {i} was not delivered within 10 s");
+            committed.elapsed()
+        })
+        .collect();
+    took.sort();
+    eprintln!("commit to delivery with 200,000 messages scheduled: median {:?}, max {:?}", took[15], took[29]);
+    // A pass over every scheduled message in each worker cycle made this about 100 ms.
+    assert!(took[15] < Duration::from_millis(40), "commit to delivery, median {:?}, all {took:?}", took[15]);
+    let scheduled: i64 =
+        db.query_one("SELECT scheduled FROM outbox.topic_stats WHERE topic = $1", &[&later]).unwrap().get(0);
+    assert_eq!(scheduled, 200_000);
 }
 
 #[test]
@@ -347,10 +387,8 @@ fn monitoring_views_count_deliveries_and_wakeups() {
 
 #[test]
 fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
-    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
-    let c = Cluster::start_without_extension(&bootstrap, "");
+    let (c, bootstrap) = cluster_at_version("0.1.0");
     let mut db = c.client();
-    db.batch_execute("CREATE EXTENSION pg_outbox VERSION '0.1.0'").unwrap();
     let topic = unique("upgrade");
     db.execute("SELECT outbox.enqueue_message($1, '\"before upgrade\"'::jsonb, 'k', NULL::jsonb)", &[&topic]).unwrap();
     wait_for("the worker to ask for the update", WAIT, || {
@@ -360,7 +398,7 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.4.0");
+    assert_eq!(version, "0.5.0");
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
         &[&topic],
@@ -374,11 +412,34 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
 }
 
 #[test]
-fn enqueue_against_sql_objects_older_than_the_library_asks_for_the_update() {
-    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
-    let c = Cluster::start_without_extension(&bootstrap, "");
+fn enqueue_goes_on_against_0_4_0_objects_and_what_it_held_is_forwarded_in_order_after_the_update() {
+    let (c, bootstrap) = cluster_at_version("0.4.0");
     let mut db = c.client();
-    db.batch_execute("CREATE EXTENSION pg_outbox VERSION '0.3.0'").unwrap();
+    let topic = unique("from-0-4-0");
+    let enqueue = |db: &mut postgres::Client, payload: &str, after: &str| {
+        db.execute(
+            "SELECT outbox.enqueue_message($1, to_jsonb($2::text), key => 'k', deliver_after => $3::text::interval)",
+            &[&topic, &payload, &after],
+        )
+        .unwrap();
+    };
+    enqueue(&mut db, "due", "0");
+    enqueue(&mut db, "due too", "0");
+    db.execute("SELECT outbox.enqueue_message($1, '\"plain\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    enqueue(&mut db, "later", "3 seconds");
+    wait_for("the worker to ask for the update", WAIT, || c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
+    assert!(read_topic(&bootstrap, &topic, 1, Duration::from_secs(1)).is_empty(), "the worker waits for the update");
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
+    assert_eq!(
+        payloads(&read_topic(&bootstrap, &topic, 4, WAIT)),
+        vec!["\"due\"", "\"due too\"", "\"plain\"", "\"later\""]
+    );
+}
+
+#[test]
+fn enqueue_against_sql_objects_older_than_the_library_asks_for_the_update() {
+    let (c, bootstrap) = cluster_at_version("0.3.0");
+    let mut db = c.client();
     let topic = unique("outdated");
     let err = db.execute("SELECT outbox.enqueue_message($1, '{}'::jsonb)", &[&topic]).unwrap_err();
     let err = err.as_db_error().expect("a database error");

@@ -91,8 +91,10 @@ pub fn select_messages(
             param.pflags = pg_sys::PARAM_FLAG_CONST as u16;
             param.ptype = arg.oid();
         }
-        let options =
-            pg_sys::SPIExecuteOptions { params, read_only: true, dest: receiver_ptr.cast(), ..Default::default() };
+        // Read-only (the transaction's snapshot as it is) unless this transaction wrote: then
+        // SPI advances the command counter first, so that the rows it wrote are seen as written.
+        let read_only = pg_sys::GetCurrentTransactionIdIfAny() == pg_sys::InvalidTransactionId;
+        let options = pg_sys::SPIExecuteOptions { params, read_only, dest: receiver_ptr.cast(), ..Default::default() };
         let status = pg_sys::SPI_execute_plan_extended(plan as pg_sys::SPIPlanPtr, &options);
         if status != pg_sys::SPI_OK_SELECT as i32 {
             error!("pg_outbox worker could not read messages: SPI status {status}");

@@ -501,12 +501,15 @@ fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiR
     // Delayed messages that fell due join their keys' lines, by their seq (their place at
     // enqueue). They are found by their own index: a million messages scheduled for tomorrow
     // cost a cycle nothing today. Only the worker changes held rows, so this write cannot meet
-    // a concurrent update in the repeatable read transaction.
-    client.update(
-        "UPDATE outbox.held_messages SET delayed = false WHERE delayed AND next_attempt_at <= now()",
-        None,
-        &[],
-    )?;
+    // a concurrent update in the repeatable read transaction; it is made only when one is due
+    // (a write takes a transaction id and a commit record), and the statements after it see it
+    // (see message_reader::select_messages).
+    let due = "h.delayed AND h.next_attempt_at <= now()";
+    let any_due =
+        client.select(&format!("SELECT EXISTS (SELECT 1 FROM outbox.held_messages h WHERE {due})"), None, &[])?;
+    if any_due.first().get::<bool>(1)? == Some(true) {
+        client.update(&format!("UPDATE outbox.held_messages h SET delayed = false WHERE {due}"), None, &[])?;
+    }
     // Each key's line by its head, found by skipping from key to key down the line index: a scan
     // of every held row per cycle grew with a paused topic's backlog. Every key with a message
     // in line blocks its fresh messages; the due heads of topics not paused lead what is read.

@@ -132,3 +132,48 @@ fn a_refusal_in_a_backlog_holds_back_its_key_in_the_batches_read_after_it() {
     let dead: i64 = db.query_one("SELECT count(*) FROM outbox.dead_letters", &[]).unwrap().get(0);
     assert_eq!(dead, 1);
 }
+
+#[test]
+fn a_delayed_message_falling_due_ahead_of_a_refused_retry_goes_alone_and_the_retry_keeps_its_key_behind_it() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(
+        &bootstrap,
+        "pg_outbox.max_attempts = 3
+         pg_outbox.retry_backoff = '3s'
+         pg_outbox.retry_backoff_max = '3s'",
+    );
+    let topic = unique("due-before-retry");
+    let mut db = c.client();
+    db.execute(
+        "SELECT outbox.enqueue_message($1, '\"due\"'::jsonb, key => 'p', deliver_after => '2 seconds')",
+        &[&topic],
+    )
+    .unwrap();
+    let poison: i64 = db
+        .query_one("SELECT outbox.enqueue_message($1, convert_to(repeat('x', 1000500), 'UTF8'), key => 'p')", &[&topic])
+        .unwrap()
+        .get(0);
+    wait_for("the first refusal", WAIT, || {
+        db.query_opt("SELECT 1 FROM outbox.held_messages WHERE id = $1 AND attempts >= 1", &[&poison])
+            .unwrap()
+            .is_some()
+    });
+    db.execute("SELECT outbox.enqueue_message($1, '\"after\"'::jsonb, key => 'p')", &[&topic]).unwrap();
+    // The delayed message falls due first, at its place ahead of the refused one: it goes out
+    // alone, and the refused one's retry waits for its own time.
+    let records = read_topic(&bootstrap, &topic, 2, WAIT);
+    assert_eq!(payloads(&records), vec!["\"due\"", "\"after\""]);
+    let died_ms: f64 = db
+        .query_one(
+            "SELECT (extract(epoch FROM died_at) * 1000)::float8 FROM outbox.dead_letters WHERE id = $1",
+            &[&poison],
+        )
+        .unwrap()
+        .get(0);
+    let after_ms = records[1].timestamp_ms.expect("a record timestamp") as f64;
+    assert!(
+        after_ms >= died_ms - 1.0,
+        "\"after\" went out {} ms before the refused message ahead of it died",
+        died_ms - after_ms
+    );
+}

@@ -7,6 +7,20 @@ use rdkafka::consumer::Consumer;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A message of key p that the broker refuses every time: over librdkafka's default
+/// message.max.bytes (1,000,000), under pg_outbox.max_message_bytes.
+fn enqueue_poison(db: &mut postgres::Client, topic: &str) -> i64 {
+    db.query_one("SELECT outbox.enqueue_message($1, convert_to(repeat('x', 1000500), 'UTF8'), key => 'p')", &[&topic])
+        .unwrap()
+        .get(0)
+}
+
+fn wait_for_refusal(db: &mut postgres::Client, id: i64) {
+    wait_for("the first refusal", WAIT, || {
+        db.query_opt("SELECT 1 FROM outbox.held_messages WHERE id = $1 AND attempts >= 1", &[&id]).unwrap().is_some()
+    });
+}
+
 #[test]
 fn a_missing_topic_is_created_with_topic_partitions() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
@@ -64,17 +78,9 @@ fn a_message_the_broker_refuses_is_retried_then_dead_lettered_while_others_flow(
     );
     let topic = unique("poison");
     let mut db = c.client();
-    // Over librdkafka's default message.max.bytes (1,000,000), under pg_outbox.max_message_bytes.
-    let poison: i64 = db
-        .query_one("SELECT outbox.enqueue_message($1, convert_to(repeat('x', 1000500), 'UTF8'), key => 'p')", &[&topic])
-        .unwrap()
-        .get(0);
+    let poison = enqueue_poison(&mut db, &topic);
     db.execute("SELECT outbox.enqueue_message($1, '\"a1\"'::jsonb, key => 'a')", &[&topic]).unwrap();
-    wait_for("the first refusal", WAIT, || {
-        db.query_opt("SELECT 1 FROM outbox.held_messages WHERE id = $1 AND attempts >= 1", &[&poison])
-            .unwrap()
-            .is_some()
-    });
+    wait_for_refusal(&mut db, poison);
     // Enqueued after the poison message was refused: must not overtake it.
     db.execute("SELECT outbox.enqueue_message($1, '\"p2\"'::jsonb, key => 'p')", &[&topic]).unwrap();
     db.execute("SELECT outbox.enqueue_message($1, '\"b1\"'::jsonb, key => 'b')", &[&topic]).unwrap();
@@ -149,15 +155,8 @@ fn a_delayed_message_falling_due_ahead_of_a_refused_retry_goes_alone_and_the_ret
         &[&topic],
     )
     .unwrap();
-    let poison: i64 = db
-        .query_one("SELECT outbox.enqueue_message($1, convert_to(repeat('x', 1000500), 'UTF8'), key => 'p')", &[&topic])
-        .unwrap()
-        .get(0);
-    wait_for("the first refusal", WAIT, || {
-        db.query_opt("SELECT 1 FROM outbox.held_messages WHERE id = $1 AND attempts >= 1", &[&poison])
-            .unwrap()
-            .is_some()
-    });
+    let poison = enqueue_poison(&mut db, &topic);
+    wait_for_refusal(&mut db, poison);
     db.execute("SELECT outbox.enqueue_message($1, '\"after\"'::jsonb, key => 'p')", &[&topic]).unwrap();
     // The delayed message falls due first, at its place ahead of the refused one: it goes out
     // alone, and the refused one's retry waits for its own time.

@@ -55,12 +55,16 @@ pub struct HeldLine {
 /// cycle would drain a resumed topic of four keys at about a hundred messages a second, while
 /// its keys' new messages keep joining the line. A head that failed before goes out alone, so
 /// that nothing of its key overtakes it should it fail again. The lines whose heads came first
-/// go first; at most a batch of lines is read.
+/// go first; at most a batch of lines is read, and at most a batch of messages in all, so that
+/// no line's head is left out of the batch by the runs of others.
 pub fn held_lines_to_read(mut lines: Vec<HeldLine>, batch_size: usize) -> Vec<(i64, i32)> {
+    let batch_size = batch_size.max(1);
     lines.retain(|l| l.due_in <= 0.0 && !l.paused);
     lines.sort_unstable_by_key(|l| l.head_seq);
-    lines.truncate(batch_size.max(1));
-    let share = i32::try_from(batch_size.div_ceil(lines.len().max(1))).unwrap_or(i32::MAX).max(1);
+    lines.truncate(batch_size);
+    let alone = lines.iter().filter(|l| l.head_attempts > 0).count();
+    let runs = lines.len() - alone;
+    let share = i32::try_from((batch_size - alone) / runs.max(1)).unwrap_or(i32::MAX).max(1);
     lines.iter().map(|l| (l.head_seq, if l.head_attempts > 0 { 1 } else { share })).collect()
 }
 
@@ -141,15 +145,26 @@ mod tests {
     #[test]
     fn held_lines_are_read_as_runs_sharing_the_batch_and_a_failed_head_goes_alone() {
         let lines = vec![line(30, 0, true, false), line(10, 0, true, false), line(20, 2, true, false)];
-        assert_eq!(held_lines_to_read(lines, 500), vec![(10, 167), (20, 1), (30, 167)]);
+        assert_eq!(held_lines_to_read(lines, 500), vec![(10, 249), (20, 1), (30, 249)]);
     }
 
     #[test]
     fn held_lines_not_due_or_paused_are_not_read_and_at_most_a_batch_of_lines_is() {
         let lines =
             vec![line(1, 0, false, false), line(2, 0, true, true), line(3, 0, true, false), line(4, 1, true, false)];
-        assert_eq!(held_lines_to_read(lines.clone(), 500), vec![(3, 250), (4, 1)]);
+        assert_eq!(held_lines_to_read(lines.clone(), 500), vec![(3, 499), (4, 1)]);
         assert_eq!(held_lines_to_read(lines, 1), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn the_runs_and_the_lone_retries_together_fit_in_a_batch() {
+        let lines: Vec<HeldLine> = (0..7).map(|i| line(i, if i % 3 == 0 { 1 } else { 0 }, true, false)).collect();
+        for batch in [5, 7, 8, 100, 500] {
+            let read = held_lines_to_read(lines.clone(), batch);
+            let total: i32 = read.iter().map(|r| r.1).sum();
+            assert!(total as usize <= batch, "batch {batch}: {read:?}");
+            assert!(read.iter().filter(|r| [0, 3].contains(&r.0)).all(|r| r.1 == 1), "{read:?}");
+        }
     }
 
     #[test]

@@ -505,9 +505,15 @@ fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiR
     // (a write takes a transaction id and a commit record), and the statements after it see it
     // (see message_reader::select_messages).
     let due = "h.delayed AND h.next_attempt_at <= now()";
-    let any_due =
-        client.select(&format!("SELECT EXISTS (SELECT 1 FROM outbox.held_messages h WHERE {due})"), None, &[])?;
-    if any_due.first().get::<bool>(1)? == Some(true) {
+    // Planned once per process, like the statements after it: each runs on every cycle while
+    // anything is held.
+    let any_due = with_plan(
+        client,
+        "held_due",
+        &format!("SELECT EXISTS (SELECT 1 FROM outbox.held_messages h WHERE {due})"),
+        |plan| client.select(plan, None, &[])?.first().get::<bool>(1),
+    )?;
+    if any_due == Some(true) {
         client.update(&format!("UPDATE outbox.held_messages h SET delayed = false WHERE {due}"), None, &[])?;
     }
     // Each key's line by its head, found by skipping from key to key down the line index: a scan
@@ -517,9 +523,8 @@ fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiR
     // primary key's seq order serve: with the table's statistics stale, as they mostly are, the
     // planner took that walk over every held row, filtered, per key.)
     let mut lines = Vec::new();
-    for row in client.select(
-        &format!(
-            "WITH RECURSIVE heads(topic, key, seq, attempts, next_attempt_at) AS (
+    let heads_sql = format!(
+        "WITH RECURSIVE heads(topic, key, seq, attempts, next_attempt_at) AS (
                  (SELECT h.topic, h.key, h.seq, h.attempts, h.next_attempt_at
                   FROM outbox.held_messages h
                   WHERE h.key IS NOT NULL AND {IN_LINE}
@@ -534,22 +539,23 @@ fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiR
              SELECT {}, {}, seq, attempts, extract(epoch FROM next_attempt_at - now())::float8,
                     EXISTS (SELECT 1 FROM outbox.topics t WHERE t.topic = heads.topic AND t.paused)
              FROM heads",
-            message_reader::utf8_bytes("topic"),
-            message_reader::utf8_bytes("key")
-        ),
-        None,
-        &[],
-    )? {
-        if let (Some(t), Some(k)) = (row.get::<Vec<u8>>(1)?, row.get::<Vec<u8>>(2)?) {
-            batch.blocked_keys.insert((message_reader::utf8(t), message_reader::utf8(k)));
+        message_reader::utf8_bytes("topic"),
+        message_reader::utf8_bytes("key")
+    );
+    with_plan(client, "held_lines", &heads_sql, |plan| {
+        for row in client.select(plan, None, &[])? {
+            if let (Some(t), Some(k)) = (row.get::<Vec<u8>>(1)?, row.get::<Vec<u8>>(2)?) {
+                batch.blocked_keys.insert((message_reader::utf8(t), message_reader::utf8(k)));
+            }
+            lines.push(HeldLine {
+                head_seq: row.get(3)?.unwrap_or_default(),
+                head_attempts: row.get(4)?.unwrap_or_default(),
+                due_in: row.get(5)?.unwrap_or_default(),
+                paused: row.get(6)?.unwrap_or(false),
+            });
         }
-        lines.push(HeldLine {
-            head_seq: row.get(3)?.unwrap_or_default(),
-            head_attempts: row.get(4)?.unwrap_or_default(),
-            due_in: row.get(5)?.unwrap_or_default(),
-            paused: row.get(6)?.unwrap_or(false),
-        });
-    }
+        Ok(())
+    })?;
     let heads_due_in = lines.iter().filter(|l| !l.paused).map(|l| l.due_in).reduce(f64::min);
     let (heads, counts): (Vec<i64>, Vec<i32>) =
         held_lines_to_read(lines, usize::try_from(batch_size).unwrap_or(1)).into_iter().unzip();
@@ -591,22 +597,20 @@ fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiR
     }
     // The next to fall due: a key's head, a message without a key (of a topic not paused), or a
     // delayed message (paused or not: it moves into its line when due).
-    let others_due_in: Option<f64> = client
-        .select(
-            &format!(
-                "WITH RECURSIVE {TOPICS_IN_LINE}
+    let others_due_in: Option<f64> = with_plan(
+        client,
+        "held_next_due",
+        &format!(
+            "WITH RECURSIVE {TOPICS_IN_LINE}
                  SELECT extract(epoch FROM least(
                      (SELECT min(h.next_attempt_at) FROM topics t
                       JOIN outbox.held_messages h ON h.topic = t.topic AND h.key IS NULL AND {IN_LINE}
                       WHERE NOT EXISTS (SELECT 1 FROM outbox.topics p WHERE p.topic = t.topic AND p.paused)),
                      (SELECT min(h.next_attempt_at) FROM outbox.held_messages h WHERE h.delayed)
                  ) - now())::float8"
-            ),
-            Some(1),
-            &[],
-        )?
-        .first()
-        .get(1)?;
+        ),
+        |plan| client.select(plan, Some(1), &[])?.first().get(1),
+    )?;
     batch.next_due_in = [heads_due_in, others_due_in].into_iter().flatten().reduce(f64::min);
     Ok(())
 }

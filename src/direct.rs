@@ -36,6 +36,7 @@ struct SlotLayout {
     json_payload: usize,
     json_text: usize,
     headers: usize,
+    deliver_at: usize,
 }
 
 /// The most indexes of worker_state written here (it has one, its primary key).
@@ -123,6 +124,7 @@ unsafe fn find_layout() -> Option<Layout> {
             json_payload: column(relid, c"json_payload", pg_sys::JSONBOID)?,
             json_text: column(relid, c"json_text", pg_sys::BYTEAOID)?,
             headers: column(relid, c"headers", pg_sys::JSONBOID)?,
+            deliver_at: column(relid, c"deliver_at", pg_sys::TIMESTAMPTZOID)?,
         })
     };
     let slots: Vec<SlotLayout> = (0..SLOTS).map(slot).collect::<Option<_>>()?;
@@ -299,10 +301,9 @@ unsafe fn read_slot(
     }
     let scan = pg_sys::index_beginscan(rel, index, pg_sys::GetActiveSnapshot(), 1, 0);
     let tuple = pg_sys::table_slot_create(rel, std::ptr::null_mut());
-    let last_column = [slot.id, slot.topic, slot.key, slot.payload, slot.json_payload, slot.json_text, slot.headers]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+    let columns =
+        [slot.id, slot.topic, slot.key, slot.payload, slot.json_payload, slot.json_text, slot.headers, slot.deliver_at];
+    let last_column = columns.into_iter().max().unwrap_or(0);
     let keys = std::iter::once((pg_sys::BTGreaterEqualStrategyNumber, pg_sys::F_XID8GE, done.xmax))
         .chain(done.xip.iter().map(|&xid| (pg_sys::BTEqualStrategyNumber, pg_sys::F_XID8EQ, xid)));
     'keys: for (strategy, procedure, xid) in keys {
@@ -332,6 +333,8 @@ unsafe fn message(slot: &SlotLayout, values: &[Datum], nulls: &[bool]) -> Outbou
     let bytes = |i: usize| value(i).map(|d| varlena_bytes(d));
     let json = |i: usize| value(i).map(|d| varlena_bytes(Datum::from(crate::enqueue::json_text(d))));
     let headers = json(slot.headers).map(utf8);
+    // As the statements' `deliver_at > now()`: now() is the transaction's start.
+    let now = pg_sys::GetCurrentTransactionStartTimestamp();
     OutboundMessage {
         id: value(slot.id).map_or(0, |d| d.value() as i64),
         topic: bytes(slot.topic).map(utf8).unwrap_or_default(),
@@ -341,6 +344,7 @@ unsafe fn message(slot: &SlotLayout, values: &[Datum], nulls: &[bool]) -> Outbou
         headers: parse_headers(headers.as_deref()).unwrap_or_default(),
         attempts: 0,
         held: false,
+        scheduled: value(slot.deliver_at).is_some_and(|d| d.value() as i64 > now),
     }
 }
 

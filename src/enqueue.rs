@@ -27,7 +27,7 @@ thread_local! {
     /// The INSERT into each slot's partition, planned on first use in this session.
     static INSERTS: RefCell<HashMap<i16, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
     /// Delayed messages (deliver_at / deliver_after) take the PL/pgSQL path: rare, and it
-    /// chooses between the slot partitions and held_messages.
+    /// stores the time they are due (before 0.6.0, it wrote them to held_messages).
     static DELAYED: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
 }
 

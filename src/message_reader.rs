@@ -21,8 +21,11 @@ const KEY: usize = 2;
 const PAYLOAD: usize = 3;
 const JSON_PAYLOAD: usize = 4;
 const HEADERS: usize = 5;
+/// Fresh messages only (false for held ones): not due yet, delayed by `deliver_after` /
+/// `deliver_at`.
+const SCHEDULED: usize = 6;
 /// Held messages only: failed attempts so far.
-const ATTEMPTS: usize = 6;
+const ATTEMPTS: usize = 7;
 
 /// An SQL expression for the bytes of text `expr` as UTF-8 (a bytea), for `utf8` to read. In a
 /// SQL_ASCII database the bytes are taken as they are: converting them would fail on the first
@@ -33,16 +36,21 @@ pub fn utf8_bytes(expr: &str) -> String {
     format!("convert_to({expr}, '{}')", if sql_ascii { "SQL_ASCII" } else { "UTF8" })
 }
 
-/// The select list for messages of outbox.messages (`held` false) or outbox.held_messages (then
-/// followed by `attempts`). A JSON payload is sent as UTF-8 text: enqueue_message stores it so
-/// (json_text); a row written before 0.4.0, a delayed one and a held one have jsonb, rendered
-/// here. In a UTF-8 database text already is UTF-8; in any other, the SQL converts it.
+/// The select list for messages of outbox.messages (`held` false) or outbox.held_messages. A
+/// JSON payload is sent as UTF-8 text: enqueue_message stores it so (json_text); a row written
+/// before 0.4.0, a delayed one and a held one have jsonb, rendered here. In a UTF-8 database text
+/// already is UTF-8; in any other, the SQL converts it. A held message is never scheduled: a
+/// delayed one is read only once it has moved into its line.
 pub fn columns(held: bool) -> String {
     let utf8 = unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 };
     let text = |expr: &str| if utf8 { expr.to_string() } else { utf8_bytes(expr) };
-    let payload = if held { "payload" } else { "coalesce(payload, json_text)" };
+    let (payload, rest) = if held {
+        ("payload", "false, attempts")
+    } else {
+        ("coalesce(payload, json_text)", "coalesce(deliver_at > now(), false)")
+    };
     format!(
-        "id, {}, {}, {payload}, {}, {}",
+        "id, {}, {}, {payload}, {}, {}, {rest}",
         text("topic"),
         text("key"),
         text("json_payload::text"),
@@ -57,7 +65,7 @@ thread_local! {
 }
 
 /// Runs `sql` (kept under `name`) with `args` and returns the messages it selected, in order.
-/// Held messages (`held`) carry their attempts in a seventh column. Room for `expected` messages
+/// Held messages (`held`) carry their attempts in an eighth column. Room for `expected` messages
 /// is made at once (callers bound it: a batch may be set to a million): growing a vector of
 /// thousands of messages one doubling at a time was 8 % of the worker's time in a drain.
 pub fn select_messages(
@@ -128,7 +136,7 @@ struct MessageReceiver {
 #[pg_guard]
 unsafe extern "C-unwind" fn startup(dest: *mut pg_sys::DestReceiver, _operation: i32, typeinfo: pg_sys::TupleDesc) {
     let receiver = &*(dest as *const MessageReceiver);
-    let expected = if receiver.held { ATTEMPTS + 1 } else { HEADERS + 1 };
+    let expected = if receiver.held { ATTEMPTS + 1 } else { SCHEDULED + 1 };
     if (*typeinfo).natts as usize != expected {
         error!("pg_outbox worker: a message statement returns {} columns, not {expected}", (*typeinfo).natts);
     }
@@ -158,6 +166,7 @@ unsafe extern "C-unwind" fn receive_slot(slot: *mut pg_sys::TupleTableSlot, dest
         headers: parse_headers(headers.as_deref()).unwrap_or_default(),
         attempts: if receiver.held { value(ATTEMPTS).map_or(0, |d| d.value() as i32) } else { 0 },
         held: receiver.held,
+        scheduled: value(SCHEDULED).is_some_and(|d| d.value() != 0),
     });
     true
 }

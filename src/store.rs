@@ -126,12 +126,12 @@ fn on_state_row<'c>(
 }
 
 /// The version of the extension's SQL objects this library works with.
-pub const SQL_VERSION: &str = "0.5.0";
+pub const SQL_VERSION: &str = "0.6.0";
 
-/// The versions whose tables `enqueue_message` writes as it does at SQL_VERSION: between the
-/// install of this library and ALTER EXTENSION UPDATE from one of them, enqueueing goes on (the
-/// worker waits for the update).
-pub const ENQUEUE_SQL_VERSIONS: [&str; 2] = ["0.4.0", SQL_VERSION];
+/// The versions whose tables `enqueue_message` writes as it does at SQL_VERSION (a delayed
+/// message through the version's own `_store_message`): between the install of this library and
+/// ALTER EXTENSION UPDATE from one of them, enqueueing goes on (the worker waits for the update).
+pub const ENQUEUE_SQL_VERSIONS: [&str; 3] = ["0.4.0", "0.5.0", SQL_VERSION];
 
 thread_local! {
     /// The extension's OID last seen, and when its SQL objects were last found at SQL_VERSION.
@@ -498,8 +498,8 @@ const TOPICS_IN_LINE: &str = "topics(topic) AS (
     )";
 
 fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
-    // Delayed messages that fell due join their keys' lines, by their seq (their place at
-    // enqueue). They are found by their own index: a million messages scheduled for tomorrow
+    // Delayed messages that fell due join their keys' lines, by their seq (the place in delivery
+    // order they were given when the worker first read them). They are found by their own index: a million messages scheduled for tomorrow
     // cost a cycle nothing today. Only the worker changes held rows, so this write cannot meet
     // a concurrent update in the repeatable read transaction; it is made only when one is due
     // (a write takes a transaction id and a commit record), and the statements after it see it
@@ -565,7 +565,7 @@ fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiR
         "read_held_lines",
         &format!(
             "WITH RECURSIVE {TOPICS_IN_LINE}
-             SELECT {}, attempts FROM (
+             SELECT {} FROM (
                  SELECT r.* FROM unnest($1::int8[], $2::int4[]) AS l(head_seq, n)
                  JOIN outbox.held_messages hd ON hd.seq = l.head_seq
                  CROSS JOIN LATERAL (
@@ -731,15 +731,20 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                 let ids: Vec<i64> = s.hold_fresh.iter().map(|h| h.0).collect();
                 let attempts: Vec<i32> = s.hold_fresh.iter().map(|h| h.1).collect();
                 let errors: Vec<Option<String>> = s.hold_fresh.iter().map(|h| h.2.clone()).collect();
+                // A message not due yet (it was never sent) waits outside its line until then
+                // (delayed); it has its place in the line from now, in delivery order.
                 client.update(
                     "INSERT INTO outbox.held_messages
                          (id, topic, key, payload, json_payload, headers, enqueued_at, attempts,
-                          next_attempt_at, last_error, last_error_at)
+                          next_attempt_at, last_error, last_error_at, delayed)
                      SELECT m.id, m.topic, m.key, m.payload,
                             coalesce(m.json_payload, convert_from(m.json_text, 'UTF8')::jsonb),
                             m.headers, m.enqueued_at, u.attempts,
-                            now() + make_interval(secs => coalesce(($4::float8[])[greatest(u.attempts, 1)], 0)) * (u.attempts > 0)::int,
-                            u.error, CASE WHEN u.error IS NOT NULL THEN now() END
+                            CASE WHEN u.attempts > 0
+                                 THEN now() + make_interval(secs => coalesce(($4::float8[])[u.attempts], 0))
+                                 ELSE greatest(now(), m.deliver_at) END,
+                            u.error, CASE WHEN u.error IS NOT NULL THEN now() END,
+                            u.attempts = 0 AND coalesce(m.deliver_at > now(), false)
                      FROM unnest($1::int8[], $2::int4[], $3::text[]) WITH ORDINALITY AS u(id, attempts, error, ord)
                      JOIN outbox.messages m ON m.id = u.id
                      ORDER BY u.ord

@@ -12,6 +12,9 @@ pub struct OutboundMessage {
     pub attempts: i32,
     /// True when the row lives in `outbox.held_messages` (a retry, or released by a resumed topic).
     pub held: bool,
+    /// A fresh message enqueued with `deliver_after` / `deliver_at` that is not due yet: it waits
+    /// in `outbox.held_messages`, outside its key's line until then.
+    pub scheduled: bool,
 }
 
 /// The header every record carries so that consumers can drop redeliveries.

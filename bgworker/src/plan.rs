@@ -7,8 +7,9 @@ use crate::OutboundMessage;
 pub struct Plan {
     /// Produce these now, in this order.
     pub send: Vec<OutboundMessage>,
-    /// Move these to `outbox.held_messages`, in this order: their topic is paused, or an earlier
-    /// message of their key is waiting for a retry and they must not overtake it.
+    /// Move these to `outbox.held_messages`, in this order: their topic is paused, an earlier
+    /// message of their key is waiting for a retry and they must not overtake it, or they are not
+    /// due yet.
     pub hold: Vec<OutboundMessage>,
 }
 
@@ -17,7 +18,9 @@ pub struct Plan {
 /// `retries` are the held messages that are due (at most the oldest one per key, already
 /// filtered by the reader); `fresh` are the messages of the current snapshot window in delivery
 /// order. A fresh message whose key has any message held (`blocked_keys`), or whose topic is
-/// paused, is held behind it, so per-key order survives retries and pauses.
+/// paused, is held behind it, so per-key order survives retries and pauses. A fresh message not
+/// due yet (`scheduled`) is held too, taking its place in its key's line now, in commit order,
+/// but it holds nothing back: its key's later messages go on.
 pub fn plan_batch(
     retries: Vec<OutboundMessage>,
     fresh: Vec<OutboundMessage>,
@@ -26,7 +29,8 @@ pub fn plan_batch(
 ) -> Plan {
     let mut plan = Plan { send: retries, hold: Vec::new() };
     for m in fresh {
-        let blocked = paused_topics.contains(&m.topic)
+        let blocked = m.scheduled
+            || paused_topics.contains(&m.topic)
             || m.key.as_ref().is_some_and(|k| blocked_keys.contains(&(m.topic.clone(), k.clone())));
         if blocked {
             plan.hold.push(m);
@@ -102,6 +106,7 @@ mod tests {
             headers: vec![],
             attempts: 0,
             held: false,
+            scheduled: false,
         }
     }
 
@@ -116,6 +121,22 @@ mod tests {
         );
         assert_eq!(plan.send.iter().map(|m| m.id).collect::<Vec<_>>(), vec![2, 4]);
         assert_eq!(plan.hold.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_message_not_due_yet_is_held_and_holds_nothing_back() {
+        let scheduled = |mut m: OutboundMessage| {
+            m.scheduled = true;
+            m
+        };
+        let plan = plan_batch(
+            vec![],
+            vec![msg(1, "t", Some("k")), scheduled(msg(2, "t", Some("k"))), msg(3, "t", Some("k"))],
+            &HashSet::new(),
+            &HashSet::new(),
+        );
+        assert_eq!(plan.send.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(plan.hold.iter().map(|m| m.id).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]

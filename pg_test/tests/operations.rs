@@ -120,6 +120,13 @@ fn messages_scheduled_for_tomorrow_do_not_slow_the_delivery_of_todays() {
         &[&later],
     )
     .unwrap();
+    // The worker gives them their places in line as it reads them, a backlog of batches.
+    let started = Instant::now();
+    wait_for("the worker to take the scheduled messages", Duration::from_secs(120), || {
+        db.query_one("SELECT count(*) FROM outbox.held_messages WHERE delayed", &[]).unwrap().get::<_, i64>(0)
+            == 200_000
+    });
+    eprintln!("200,000 scheduled messages taken by the worker in {:?}", started.elapsed());
     let mut took: Vec<Duration> = (0..30)
         .map(|i| {
             let id: i64 = db
@@ -277,7 +284,7 @@ fn payloads_keys_and_headers_arrive_as_utf8_whatever_the_database_encoding() {
                 &[&topic, &db],
             )
             .unwrap();
-        // A delayed message waits in held_messages, its key holding back the key's line.
+        // A delayed message waits in held_messages, then in its key's line.
         client
             .execute(
                 r#"SELECT outbox.enqueue_message($1, jsonb_build_object('db', $2::text, 'name', 'déjà', 'delayed', true),
@@ -398,7 +405,7 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.5.0");
+    assert_eq!(version, "0.6.0");
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
         &[&topic],

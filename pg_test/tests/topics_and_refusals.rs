@@ -176,3 +176,31 @@ fn a_delayed_message_falling_due_ahead_of_a_refused_retry_goes_alone_and_the_ret
         died_ms - after_ms
     );
 }
+
+#[test]
+fn a_delayed_message_waiting_behind_a_refused_retry_keeps_its_place_after_what_was_enqueued_before_it() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(
+        &bootstrap,
+        "pg_outbox.max_attempts = 2
+         pg_outbox.retry_backoff = '3s'
+         pg_outbox.retry_backoff_max = '3s'",
+    );
+    let topic = unique("delayed-in-line");
+    let mut db = c.client();
+    let poison = enqueue_poison(&mut db, &topic);
+    wait_for_refusal(&mut db, poison);
+    // Both wait behind the refused message of their key. The delayed one falls due while they
+    // wait; the one enqueued before it must still go first.
+    let mut tx = db.transaction().unwrap();
+    tx.execute("SELECT outbox.enqueue_message($1, '\"first\"'::jsonb, key => 'p')", &[&topic]).unwrap();
+    tx.execute(
+        "SELECT outbox.enqueue_message($1, '\"delayed\"'::jsonb, key => 'p', deliver_after => '500ms')",
+        &[&topic],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"first\"", "\"delayed\""]);
+    let dead: i64 = db.query_one("SELECT count(*) FROM outbox.dead_letters WHERE id = $1", &[&poison]).unwrap().get(0);
+    assert_eq!(dead, 1);
+}

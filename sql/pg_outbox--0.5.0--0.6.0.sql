@@ -29,7 +29,8 @@ END
 $$;
 
 -- A delayed message the worker has not read yet is pending with the time it is due, as it will
--- be once held; topic_stats counts it as scheduled, not pending.
+-- be once held; topic_stats counts it as scheduled, not pending, in the same pass over the
+-- pending messages.
 CREATE OR REPLACE VIEW outbox.pending_messages AS
 WITH state AS (
     SELECT done_snapshot, window_snapshot, window_last_id,
@@ -49,23 +50,23 @@ SELECT h.id, h.topic, h.key, h.enqueued_at, h.attempts, h.next_attempt_at, h.las
 FROM outbox.held_messages h;
 
 CREATE OR REPLACE VIEW outbox.topic_stats AS
-WITH pending AS (
-    SELECT topic, count(*) AS pending, now() - min(enqueued_at) AS oldest_pending_age
-    FROM outbox.pending_messages WHERE next_attempt_at IS NULL OR next_attempt_at <= now() OR attempts > 0
+WITH queued AS (
+    SELECT topic,
+           count(*) FILTER (WHERE NOT scheduled) AS pending,
+           now() - min(enqueued_at) FILTER (WHERE NOT scheduled) AS oldest_pending_age,
+           count(*) FILTER (WHERE scheduled) AS scheduled
+    FROM (SELECT topic, enqueued_at, coalesce(attempts = 0 AND next_attempt_at > now(), false) AS scheduled
+          FROM outbox.pending_messages) m
     GROUP BY topic
-), scheduled AS (
-    SELECT topic, count(*) AS scheduled FROM outbox.pending_messages
-    WHERE attempts = 0 AND next_attempt_at > now() GROUP BY topic
 ), dead AS (
     SELECT topic, count(*) AS dead_letters FROM outbox.dead_letters GROUP BY topic
 ), topics AS (
-    SELECT topic FROM outbox.topics UNION SELECT topic FROM pending
-    UNION SELECT topic FROM scheduled UNION SELECT topic FROM dead
+    SELECT topic FROM outbox.topics UNION SELECT topic FROM queued UNION SELECT topic FROM dead
 )
 SELECT n.topic,
        coalesce(p.pending, 0) AS pending,
        p.oldest_pending_age,
-       coalesce(s.scheduled, 0) AS scheduled,
+       coalesce(p.scheduled, 0) AS scheduled,
        coalesce(t.delivered_total, 0) AS delivered_total,
        coalesce(t.failed_attempts, 0) AS failed_attempts,
        coalesce(d.dead_letters, 0) AS dead_letters,
@@ -76,6 +77,5 @@ SELECT n.topic,
        coalesce(t.paused, false) AS paused
 FROM topics n
 LEFT JOIN outbox.topics t USING (topic)
-LEFT JOIN pending p USING (topic)
-LEFT JOIN scheduled s USING (topic)
+LEFT JOIN queued p USING (topic)
 LEFT JOIN dead d USING (topic);

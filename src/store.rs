@@ -775,10 +775,20 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                     &[ids.into(), errors.into(), backoff_secs.to_vec().into()],
                 )?;
             }
-            if !s.hold_fresh.is_empty() || !s.refused_held.is_empty() {
+            // The messages refused in this batch that have had their last attempt, found by id:
+            // a sweep of every held row by attempts read every message waiting for a paused topic
+            // or scheduled for later, each time a batch held one more.
+            let refused: Vec<i64> = s
+                .hold_fresh
+                .iter()
+                .filter(|h| h.1 > 0)
+                .map(|h| h.0)
+                .chain(s.refused_held.iter().map(|r| r.0))
+                .collect();
+            if !refused.is_empty() {
                 client.update(
                     "WITH dead AS (
-                         DELETE FROM outbox.held_messages WHERE attempts >= $1 RETURNING *
+                         DELETE FROM outbox.held_messages WHERE id = ANY ($2) AND attempts >= $1 RETURNING *
                      )
                      INSERT INTO outbox.dead_letters
                          (id, topic, key, payload, json_payload, headers, enqueued_at, attempts, last_error)
@@ -786,7 +796,7 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                      FROM dead
                      ON CONFLICT (id) DO NOTHING",
                     None,
-                    &[max_attempts.into()],
+                    &[max_attempts.into(), refused.into()],
                 )?;
             }
             if !s.topic_counts.is_empty() {

@@ -333,8 +333,6 @@ unsafe fn message(slot: &SlotLayout, values: &[Datum], nulls: &[bool]) -> Outbou
     let bytes = |i: usize| value(i).map(|d| varlena_bytes(d));
     let json = |i: usize| value(i).map(|d| varlena_bytes(Datum::from(crate::enqueue::json_text(d))));
     let headers = json(slot.headers).map(utf8);
-    // As the statements' `deliver_at > now()`: now() is the transaction's start.
-    let now = pg_sys::GetCurrentTransactionStartTimestamp();
     OutboundMessage {
         id: value(slot.id).map_or(0, |d| d.value() as i64),
         topic: bytes(slot.topic).map(utf8).unwrap_or_default(),
@@ -344,7 +342,9 @@ unsafe fn message(slot: &SlotLayout, values: &[Datum], nulls: &[bool]) -> Outbou
         headers: parse_headers(headers.as_deref()).unwrap_or_default(),
         attempts: 0,
         held: false,
-        scheduled: value(slot.deliver_at).is_some_and(|d| d.value() as i64 > now),
+        // As the statements' `deliver_at > now()`: now() is the transaction's start.
+        scheduled: value(slot.deliver_at)
+            .is_some_and(|d| d.value() as i64 > pg_sys::GetCurrentTransactionStartTimestamp()),
     }
 }
 

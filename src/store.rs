@@ -499,11 +499,11 @@ const TOPICS_IN_LINE: &str = "topics(topic) AS (
 
 fn read_held(client: &mut SpiClient, batch: &mut Batch, batch_size: i64) -> SpiResult<()> {
     // Delayed messages that fell due join their keys' lines, by their seq (the place in delivery
-    // order they were given when the worker first read them). They are found by their own index: a million messages scheduled for tomorrow
-    // cost a cycle nothing today. Only the worker changes held rows, so this write cannot meet
-    // a concurrent update in the repeatable read transaction; it is made only when one is due
-    // (a write takes a transaction id and a commit record), and the statements after it see it
-    // (see message_reader::select_messages).
+    // order they were given when the worker first read them). They are found by their own
+    // index: a million messages scheduled for tomorrow cost a cycle nothing today. Only the
+    // worker changes held rows, so this write cannot meet a concurrent update in the repeatable
+    // read transaction; it is made only when one is due (a write takes a transaction id and a
+    // commit record), and the statements after it see it (see message_reader::select_messages).
     let due = "h.delayed AND h.next_attempt_at <= now()";
     // Planned once per process, like the statements after it: each runs on every cycle while
     // anything is held.

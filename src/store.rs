@@ -628,10 +628,24 @@ pub struct Settlement {
     pub topic_counts: Vec<TopicCount>,
     /// Held messages the broker acknowledged.
     pub delivered_held: Vec<i64>,
-    /// Fresh messages to move to held_messages, in delivery order: (id, attempts, error).
-    pub hold_fresh: Vec<(i64, i32, Option<String>)>,
+    /// Fresh messages to move to held_messages, in delivery order.
+    pub hold_fresh: Vec<Hold>,
     /// Held messages the broker refused again: (id, error).
     pub refused_held: Vec<(i64, String)>,
+    /// Held messages whose cluster is down: (id, error, seconds until it is tried again).
+    pub postponed_held: Vec<(i64, String, f64)>,
+}
+
+/// A fresh message that goes to held_messages.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hold {
+    pub id: i64,
+    /// Failed attempts (1 when the broker refused it, 0 otherwise).
+    pub attempts: i32,
+    pub error: Option<String>,
+    /// Seconds until it is tried, when its cluster is down; otherwise it is due after the retry
+    /// backoff of its attempts, or at its deliver_at.
+    pub wait: Option<f64>,
 }
 
 thread_local! {
@@ -713,6 +727,7 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
         let only_watermark = s.hold_fresh.is_empty()
             && s.delivered_held.is_empty()
             && s.refused_held.is_empty()
+            && s.postponed_held.is_empty()
             && s.topic_counts.is_empty();
         if only_watermark && !s.window_changed {
             return;
@@ -728,9 +743,10 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
         }
         Spi::connect_mut(|client| -> SpiResult<()> {
             if !s.hold_fresh.is_empty() {
-                let ids: Vec<i64> = s.hold_fresh.iter().map(|h| h.0).collect();
-                let attempts: Vec<i32> = s.hold_fresh.iter().map(|h| h.1).collect();
-                let errors: Vec<Option<String>> = s.hold_fresh.iter().map(|h| h.2.clone()).collect();
+                let ids: Vec<i64> = s.hold_fresh.iter().map(|h| h.id).collect();
+                let attempts: Vec<i32> = s.hold_fresh.iter().map(|h| h.attempts).collect();
+                let errors: Vec<Option<String>> = s.hold_fresh.iter().map(|h| h.error.clone()).collect();
+                let waits: Vec<Option<f64>> = s.hold_fresh.iter().map(|h| h.wait).collect();
                 // A message not due yet (it was never sent) waits outside its line until then
                 // (delayed); it has its place in the line from now, in delivery order.
                 client.update(
@@ -740,17 +756,19 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                      SELECT m.id, m.topic, m.key, m.payload,
                             coalesce(m.json_payload, convert_from(m.json_text, 'UTF8')::jsonb),
                             m.headers, m.enqueued_at, u.attempts,
-                            CASE WHEN u.attempts > 0
+                            CASE WHEN u.wait IS NOT NULL THEN now() + make_interval(secs => u.wait)
+                                 WHEN u.attempts > 0
                                  THEN now() + make_interval(secs => coalesce(($4::float8[])[u.attempts], 0))
                                  ELSE greatest(now(), m.deliver_at) END,
                             u.error, CASE WHEN u.error IS NOT NULL THEN now() END,
                             u.attempts = 0 AND coalesce(m.deliver_at > now(), false)
-                     FROM unnest($1::int8[], $2::int4[], $3::text[]) WITH ORDINALITY AS u(id, attempts, error, ord)
+                     FROM unnest($1::int8[], $2::int4[], $3::text[], $5::float8[]) WITH ORDINALITY
+                          AS u(id, attempts, error, wait, ord)
                      JOIN outbox.messages m ON m.id = u.id
                      ORDER BY u.ord
                      ON CONFLICT (id) DO NOTHING",
                     None,
-                    &[ids.into(), attempts.into(), errors.into(), backoff_secs.to_vec().into()],
+                    &[ids.into(), attempts.into(), errors.into(), backoff_secs.to_vec().into(), waits.into()],
                 )?;
             }
             if !s.delivered_held.is_empty() {
@@ -775,14 +793,28 @@ fn record_batch(s: &Settlement, max_attempts: i32, backoff_secs: &[f64]) {
                     &[ids.into(), errors.into(), backoff_secs.to_vec().into()],
                 )?;
             }
+            if !s.postponed_held.is_empty() {
+                let ids: Vec<i64> = s.postponed_held.iter().map(|p| p.0).collect();
+                let errors: Vec<String> = s.postponed_held.iter().map(|p| p.1.clone()).collect();
+                let waits: Vec<f64> = s.postponed_held.iter().map(|p| p.2).collect();
+                client.update(
+                    "UPDATE outbox.held_messages h
+                     SET next_attempt_at = now() + make_interval(secs => u.wait),
+                         last_error = u.error, last_error_at = now()
+                     FROM unnest($1::int8[], $2::text[], $3::float8[]) AS u(id, error, wait)
+                     WHERE h.id = u.id",
+                    None,
+                    &[ids.into(), errors.into(), waits.into()],
+                )?;
+            }
             // The messages refused in this batch that have had their last attempt, found by id:
             // a sweep of every held row by attempts read every message waiting for a paused topic
             // or scheduled for later, each time a batch held one more.
             let refused: Vec<i64> = s
                 .hold_fresh
                 .iter()
-                .filter(|h| h.1 > 0)
-                .map(|h| h.0)
+                .filter(|h| h.attempts > 0)
+                .map(|h| h.id)
                 .chain(s.refused_held.iter().map(|r| r.0))
                 .collect();
             if !refused.is_empty() {

@@ -9,16 +9,22 @@ use pgrx::prelude::*;
 
 use pg_outbox_bgworker::message::MessageIds;
 use pg_outbox_bgworker::sink::BatchError;
-use pg_outbox_bgworker::{plan_batch, BatchOutcome, Coalescing, KafkaSink, OutboundMessage, SinkConfig, TopicCounters};
+use pg_outbox_bgworker::{
+    plan_batch, BatchOutcome, ClusterOutages, Coalescing, KafkaSink, OutboundMessage, SendFailure, SinkConfig,
+    TopicCounters,
+};
 
 use crate::guc;
 use crate::shmem::{self, BrokerState, WorkerState};
-use crate::store::{self, Batch, Destination, Settlement, WindowPosition, Work};
+use crate::store::{self, Batch, Destination, Hold, Settlement, WindowPosition, Work};
 
 /// How often storage rotation is looked at.
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
 /// How often per-topic counters are written to outbox.topics (see TopicCounters).
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a cluster found down, one of several, may take to answer when it is tried again.
+const CLUSTER_PROBE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wake {
@@ -70,6 +76,8 @@ struct Worker {
     system_identifier: u64,
     /// One producer per Kafka cluster: the default one, and those of outbox.destinations.
     sinks: HashMap<SinkConfig, KafkaSink>,
+    /// With routes, the clusters found down (without routes, an outage holds the whole batch).
+    outages: ClusterOutages<SinkConfig>,
     state: WorkerState,
     broker: BrokerState,
     unavailable_since: Option<Instant>,
@@ -145,13 +153,42 @@ impl Worker {
         messages: &[OutboundMessage],
         destinations: &HashMap<String, Destination>,
         meanwhile: &mut dyn FnMut(),
-    ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
+    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
         let default_config = guc::sink_config().map_err(BatchError::Unavailable)?;
         if destinations.is_empty() {
-            // Everything goes to the default cluster under its own topic name: no copies.
+            // Everything goes to the default cluster under its own topic name: no copies. An
+            // outage of it holds the whole batch back (see `cycle`).
             self.sinks.retain(|config, _| *config == default_config);
-            return self.send_group(default_config, messages, meanwhile);
+            self.outages = ClusterOutages::default();
+            let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
+            let sink = self.sinks.remove(&default_config);
+            let mut sink =
+                sink.map_or_else(|| KafkaSink::new(default_config.clone()), Ok).map_err(BatchError::Unavailable)?;
+            if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
+                sink.inject_fatal_error();
+            }
+            let reports = sink.produce_batch(messages, &message_ids, &stop_or_drop_requested).and_then(|in_flight| {
+                meanwhile();
+                sink.wait_batch(in_flight, &stop_or_drop_requested, &mut |reason| {
+                    self.report_outage(reason);
+                    false
+                })
+            });
+            self.sinks.insert(default_config, sink);
+            return reports;
         }
+        self.send_routed(messages, destinations, default_config)
+    }
+
+    /// With routes: each cluster's messages go through its own producer, all clusters at once. A
+    /// cluster that is down (or that was and is not to be tried yet) costs only its own messages:
+    /// they are reported `Deferred` and wait in held_messages, while the others are delivered.
+    fn send_routed(
+        &mut self,
+        messages: &[OutboundMessage],
+        destinations: &HashMap<String, Destination>,
+        default_config: SinkConfig,
+    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
         // Group by cluster, keeping each group in delivery order.
         let mut groups: Vec<(SinkConfig, Vec<usize>, Vec<OutboundMessage>)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -176,42 +213,102 @@ impl Worker {
             }
         }
         self.sinks.retain(|config, _| groups.iter().any(|g| &g.0 == config) || *config == default_config);
-        let mut reports: Vec<Option<Result<(), pg_outbox_bgworker::SendFailure>>> = vec![None; messages.len()];
+        let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
+        let mut reports: Vec<Option<Result<(), SendFailure>>> = vec![None; messages.len()];
+        let mut in_flight = Vec::new();
         for (config, indexes, routed) in groups {
-            let group_reports = self.send_group(config, &routed, &mut || ())?;
-            for (i, report) in indexes.into_iter().zip(group_reports) {
-                reports[i] = Some(report);
+            if let Some((outage, wait)) = self.outages.waiting(&config, Instant::now()) {
+                let deferred = SendFailure::Deferred { error: outage.error.clone(), wait };
+                for &i in &indexes {
+                    reports[i] = Some(Err(deferred.clone()));
+                }
+                continue;
+            }
+            let down = self.outages.is_down(&config);
+            let sink = self.sinks.remove(&config);
+            let produced = sink
+                .map_or_else(|| KafkaSink::new(config.clone()), Ok)
+                .and_then(|sink| match down {
+                    true => sink.probe(&routed[0].topic, CLUSTER_PROBE).map(|()| sink),
+                    false => Ok(sink),
+                })
+                .map_err(BatchError::Unavailable)
+                .and_then(|mut sink| {
+                    let batch = sink.produce_batch(&routed, &message_ids, &stop_or_drop_requested)?;
+                    Ok((sink, batch))
+                });
+            match produced {
+                Ok((sink, batch)) => in_flight.push((config, indexes, sink, batch)),
+                Err(BatchError::Unavailable(error)) => {
+                    let wait = self.cluster_failed(&config, &error);
+                    for &i in &indexes {
+                        reports[i] = Some(Err(SendFailure::Deferred { error: error.clone(), wait }));
+                    }
+                }
+                Err(interrupted) => return Err(interrupted),
             }
         }
-        Ok(reports
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(pg_outbox_bgworker::SendFailure::Unavailable("not sent".into()))))
-            .collect())
+        for (config, indexes, mut sink, batch) in in_flight {
+            // A cluster that looks down is given up at once: waiting out its message timeout
+            // would hold back every other cluster's next batch.
+            let mut gave_up: Option<String> = None;
+            let group_reports = sink.wait_batch(batch, &stop_or_drop_requested, &mut |reason| {
+                gave_up = Some(reason.to_string());
+                true
+            })?;
+            let unavailable = group_reports.iter().find_map(|r| match r {
+                Err(SendFailure::Unavailable(e)) => Some(e.clone()),
+                _ => None,
+            });
+            let keep_producer = match gave_up.or(unavailable) {
+                None => {
+                    if let Some(down) = self.outages.recovered(&config, Instant::now()) {
+                        log!(
+                            "pg_outbox: Kafka cluster {} is reachable again after {:.1} s; the messages that waited for it go first in their keys' lines",
+                            config.bootstrap_servers,
+                            down.as_secs_f64()
+                        );
+                    }
+                    for (i, report) in indexes.into_iter().zip(group_reports) {
+                        reports[i] = Some(report);
+                    }
+                    true
+                }
+                Some(error) => {
+                    let wait = self.cluster_failed(&config, &error);
+                    for (i, report) in indexes.into_iter().zip(group_reports) {
+                        reports[i] = Some(match report {
+                            Err(SendFailure::Unavailable(_)) => {
+                                Err(SendFailure::Deferred { error: error.clone(), wait })
+                            }
+                            other => other,
+                        });
+                    }
+                    // After a purge, or a message timed out "possibly persisted", the next try
+                    // starts over with a new idempotent producer (as `cycle` does without routes).
+                    false
+                }
+            };
+            if keep_producer {
+                self.sinks.insert(config, sink);
+            }
+        }
+        Ok(reports.into_iter().map(|r| r.unwrap_or_else(|| Err(SendFailure::Unavailable("not sent".into())))).collect())
     }
 
-    /// Produces `messages` through the producer of one cluster (created on first use), runs
-    /// `meanwhile`, then waits for the acknowledgements.
-    fn send_group(
-        &mut self,
-        config: SinkConfig,
-        messages: &[OutboundMessage],
-        meanwhile: &mut dyn FnMut(),
-    ) -> Result<Vec<Result<(), pg_outbox_bgworker::SendFailure>>, BatchError> {
-        let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
-        // Out of the map while in use, so that an outage heard during the wait can be recorded.
-        let mut sink = match self.sinks.remove(&config) {
-            Some(sink) => sink,
-            None => KafkaSink::new(config.clone()).map_err(BatchError::Unavailable)?,
-        };
-        if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
-            sink.inject_fatal_error();
+    /// A try of one of several clusters failed: its messages wait for the backoff returned. The
+    /// outage is logged once, when it starts.
+    fn cluster_failed(&mut self, config: &SinkConfig, error: &str) -> Duration {
+        let (wait, new) = self.outages.failed(config, error, Instant::now(), &guc::retry_backoff());
+        if new {
+            log!(
+                "pg_outbox: Kafka cluster {} is unavailable; messages routed to it wait in outbox.held_messages while the other clusters' go on: {error}",
+                config.bootstrap_servers
+            );
         }
-        let reports = sink.produce_batch(messages, &message_ids, &stop_or_drop_requested).and_then(|in_flight| {
-            meanwhile();
-            sink.wait_batch(in_flight, &stop_or_drop_requested, &mut |reason| self.report_outage(reason))
-        });
-        self.sinks.insert(config, sink);
-        reports
+        let error = format!("Kafka cluster {}: {error}", config.bootstrap_servers);
+        shmem::update(self.slot, |s| s.set_last_error(&error));
+        wait
     }
 
     fn maybe_rotate(&mut self) {
@@ -359,9 +456,9 @@ impl Worker {
             }
             return Next::Sleep(self.reconnect_delay());
         }
-        // Only a batch that went to the broker says it is reachable (one of held messages only
-        // did not ask it).
-        if !plan.send.is_empty() {
+        // Only a batch that went to the broker says it is reachable (one of held messages only,
+        // or of clusters that are down, did not ask it).
+        if outcome.deferred.len() < plan.send.len() {
             self.broker_connected();
         }
         if outcome.refused.is_empty() {
@@ -442,18 +539,28 @@ fn settle(
             s.delivered_held.push(m.id);
         }
     }
-    let mut hold: Vec<(i64, i32, Option<String>)> = held_back.iter().map(|m| (m.id, 0, None)).collect();
+    let mut hold: Vec<Hold> = held_back.iter().map(|m| Hold { id: m.id, ..Hold::default() }).collect();
     for (i, error) in &outcome.refused {
         let m = &sent[*i];
         counters.count(&m.topic, 0, 1);
         if m.held {
             s.refused_held.push((m.id, error.clone()));
         } else {
-            hold.push((m.id, 1, Some(error.clone())));
+            hold.push(Hold { id: m.id, attempts: 1, error: Some(error.clone()), wait: None });
+        }
+    }
+    // Not an attempt: their cluster is down. They wait until it is tried again.
+    for (i, error, wait) in &outcome.deferred {
+        let m = &sent[*i];
+        let wait = wait.as_secs_f64();
+        if m.held {
+            s.postponed_held.push((m.id, error.clone(), wait));
+        } else {
+            hold.push(Hold { id: m.id, attempts: 0, error: Some(error.clone()), wait: Some(wait) });
         }
     }
     // Held rows queue up in delivery (id) order within the window.
-    hold.sort_by_key(|h| h.0);
+    hold.sort_by_key(|h| h.id);
     s.hold_fresh = hold;
 }
 
@@ -541,6 +648,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         database_oid,
         system_identifier: unsafe { pg_sys::GetSystemIdentifier() },
         sinks: HashMap::new(),
+        outages: ClusterOutages::default(),
         state: WorkerState::Starting,
         broker: BrokerState::Unknown,
         unavailable_since: None,

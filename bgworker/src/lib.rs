@@ -6,6 +6,7 @@
 
 pub mod counters;
 pub mod message;
+pub mod outages;
 pub mod plan;
 pub mod policy;
 pub mod sink;
@@ -13,6 +14,7 @@ pub mod text_forms;
 
 pub use counters::{TopicCount, TopicCounters};
 pub use message::{parse_headers, OutboundMessage};
+pub use outages::{ClusterOutage, ClusterOutages};
 pub use plan::{cut_held_runs, held_lines_to_read, plan_batch, HeldLine, Plan};
 pub use policy::{
     flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, Rebootstrap, SendFailure,

@@ -16,6 +16,10 @@ pub enum SendFailure {
     /// The producer itself is broken (an idempotence fatal error): it must be recreated and the
     /// unacknowledged rows resent from the table.
     Fatal(String),
+    /// Its cluster, one of several that messages are routed to, is down (see `ClusterOutages`):
+    /// the message was not sent, or not acknowledged, and waits in held_messages for `wait`
+    /// without counting an attempt, while the other clusters' messages go on.
+    Deferred { error: String, wait: Duration },
 }
 
 impl SendFailure {
@@ -68,6 +72,8 @@ pub struct BatchOutcome {
     pub unavailable: Option<String>,
     /// Set when the producer hit a fatal error: recreate it and resend the batch.
     pub fatal: Option<String>,
+    /// Indexes of messages whose cluster is down, with why and how long they wait.
+    pub deferred: Vec<(usize, String, Duration)>,
 }
 
 impl BatchOutcome {
@@ -83,6 +89,7 @@ impl BatchOutcome {
                 Err(SendFailure::Fatal(e)) => {
                     outcome.fatal.get_or_insert(e);
                 }
+                Err(SendFailure::Deferred { error, wait }) => outcome.deferred.push((i, error, wait)),
             }
         }
         outcome
@@ -442,6 +449,20 @@ mod tests {
         assert_eq!(outcome.refused, vec![(1, "too big".to_string())]);
         assert_eq!(outcome.unavailable.as_deref(), Some("timed out"));
         assert!(!outcome.is_settled());
+    }
+
+    #[test]
+    fn messages_of_a_cluster_that_is_down_are_deferred_and_the_rest_of_the_batch_settles() {
+        let wait = Duration::from_secs(2);
+        let outcome = BatchOutcome::from_reports(vec![
+            Ok(()),
+            Err(SendFailure::Deferred { error: "b is down".into(), wait }),
+            Err(SendFailure::Refused("too big".into())),
+        ]);
+        assert_eq!(outcome.delivered, vec![0]);
+        assert_eq!(outcome.refused, vec![(2, "too big".to_string())]);
+        assert_eq!(outcome.deferred, vec![(1, "b is down".to_string(), wait)]);
+        assert!(outcome.is_settled());
     }
 
     #[test]

@@ -341,6 +341,16 @@ impl KafkaSink {
         }
     }
 
+    /// Whether the cluster answers a metadata request for `topic` within `timeout`. Asked of a
+    /// cluster found down before its messages are handed over again, so that a try of a cluster
+    /// still down holds the others back no longer than this.
+    pub fn probe(&self, topic: &str, timeout: Duration) -> Result<(), String> {
+        match self.producer.client().fetch_metadata(Some(topic), timeout) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.explained(&format!("cannot fetch metadata: {e}"))),
+        }
+    }
+
     /// `what` went wrong, with librdkafka's latest error since a message was last acknowledged.
     fn explained(&self, what: &str) -> String {
         with_cause(what, self.producer.context().filed().cause(Instant::now()))
@@ -407,12 +417,15 @@ impl KafkaSink {
     }
 
     /// Waits for every delivery report of a produced batch; one report per message, in order.
-    /// `outage` hears, once, if the broker looks unavailable meanwhile (`OutageWatch`).
+    /// `outage` hears, once, if the broker looks unavailable meanwhile (`OutageWatch`). If it
+    /// answers true, the batch is given up: what librdkafka still holds of it is purged and
+    /// reported unavailable, and the producer must not be used again (a purged message may
+    /// still have been written, and its sequence numbers are lost).
     pub fn wait_batch(
         &mut self,
         in_flight: InFlight,
         should_stop: &dyn Fn() -> bool,
-        outage: &mut dyn FnMut(&str),
+        outage: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
         self.flush(in_flight.since, should_stop, outage)?;
         // A message counts as in librdkafka's queue until its report has been filed, so after
@@ -450,7 +463,7 @@ impl KafkaSink {
         &mut self,
         since: Instant,
         should_stop: &dyn Fn() -> bool,
-        outage: &mut dyn FnMut(&str),
+        outage: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(), BatchError> {
         use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT;
         let mut watch = OutageWatch::new(since);
@@ -484,7 +497,12 @@ impl KafkaSink {
                 Some(Outage::Silent(quiet)) => format!("no acknowledgement from Kafka for {} s", quiet.as_secs()),
                 None => continue,
             };
-            outage(&with_cause(&what, cause.as_deref()));
+            if outage(&with_cause(&what, cause.as_deref())) {
+                // Each purged message is reported (ERR__PURGE_QUEUE or ERR__PURGE_INFLIGHT, both
+                // unavailable) on librdkafka's next poll; the flush goes on until they are.
+                let flags = rdkafka_sys::RD_KAFKA_PURGE_F_QUEUE | rdkafka_sys::RD_KAFKA_PURGE_F_INFLIGHT;
+                unsafe { rdkafka_sys::rd_kafka_purge(self.producer.client().native_ptr(), flags) };
+            }
         }
     }
 

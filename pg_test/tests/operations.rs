@@ -2,7 +2,9 @@
 //! synchronous waits, retention and replay, routing, several databases, settings, upgrades.
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pg_outbox_tests::{payloads, read_topic, unique, wait_for, BrokerKind, Cluster, Record};
+use pg_outbox_tests::{
+    payloads, read_topic, read_topic_settled, unique, wait_for, BrokerKind, Cluster, PrivateBroker, Record,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -246,6 +248,103 @@ fn a_topic_can_be_routed_to_another_topic_name_and_another_cluster() {
     assert_eq!(payloads(&read_topic(&kafka, &target, 1, WAIT)), vec!["\"r\""]);
     assert_eq!(payloads(&read_topic(&tansu, &elsewhere, 1, WAIT)), vec!["\"e\""]);
     assert!(read_topic(&kafka, &elsewhere, 1, Duration::from_secs(2)).is_empty());
+}
+
+/// Enqueues one message for each topic in one transaction; returns their ids.
+fn enqueue_pair(db: &mut postgres::Client, topics: [&str; 2], key: &str, n: i32) -> [i64; 2] {
+    let mut tx = db.transaction().unwrap();
+    let ids = topics.map(|topic| {
+        tx.query_one("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => $3)", &[&topic, &n, &key])
+            .unwrap()
+            .get::<_, i64>(0)
+    });
+    tx.commit().unwrap();
+    ids
+}
+
+/// How long the message took to be delivered, counted from now; None if not within `timeout`.
+fn delivery_time(db: &mut postgres::Client, id: i64, timeout: &str) -> Option<Duration> {
+    let started = Instant::now();
+    let sql = format!("SELECT outbox.wait_for_delivery($1, '{timeout}')");
+    db.query_one(&sql, &[&id]).unwrap().get::<_, bool>(0).then(|| started.elapsed())
+}
+
+#[test]
+fn a_routed_cluster_that_is_down_holds_back_only_its_own_topics_and_gets_them_in_order_once_back() {
+    let (c, kafka) = kafka_cluster("pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '1s'");
+    let tansu = PrivateBroker::reserve(BrokerKind::Tansu);
+    let (local, elsewhere) = (unique("local"), unique("elsewhere"));
+    let mut db = c.client();
+    db.execute(
+        "INSERT INTO outbox.destinations (topic, bootstrap_servers) VALUES ($1, $2)",
+        &[&elsewhere, &tansu.bootstrap()],
+    )
+    .unwrap();
+    let topics = [local.as_str(), elsewhere.as_str()];
+
+    // Down from the start: each transaction's message to the default cluster goes out, its
+    // message to the cluster nobody answers for waits.
+    for n in 0..10 {
+        let [id, _] = enqueue_pair(&mut db, topics, "k", n);
+        let took = delivery_time(&mut db, id, "20 seconds").expect("the default cluster's message is delivered");
+        // The first try asks the dead cluster for its topic for up to 5 s; the later ones, when
+        // it is tried again, for up to 1 s.
+        let bound = Duration::from_secs(if n == 0 { 8 } else { 4 });
+        assert!(took < bound, "message {n} took {took:?}");
+        eprintln!("while the other cluster is down: message {n} delivered in {took:?}");
+        // Over about 3 s: the dead cluster is tried again meanwhile.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // They wait for the cluster (the reason shown), in their key's line; none uses up an attempt.
+    let row = db
+        .query_one(
+            "SELECT count(*), sum(attempts)::int8, count(*) FILTER (WHERE last_error LIKE '%metadata%')
+             FROM outbox.held_messages WHERE topic = $1",
+            &[&elsewhere],
+        )
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (10, 0));
+    assert!(row.get::<_, i64>(2) >= 1);
+    let last_error: String = db.query_one("SELECT last_error FROM outbox.worker_status", &[]).unwrap().get(0);
+    assert!(last_error.starts_with(&format!("Kafka cluster {}", tansu.bootstrap())), "{last_error}");
+
+    // Back: what waited goes out first, in order, and the key's later messages behind it.
+    tansu.resume();
+    for n in 10..13 {
+        enqueue_pair(&mut db, topics, "k", n);
+    }
+    let got = payloads(&read_topic(&tansu.bootstrap(), &elsewhere, 13, WAIT));
+    assert_eq!(got, (0..13).map(|n| n.to_string()).collect::<Vec<_>>());
+
+    // Down in the middle of the flow: the batch in flight to it is given up within seconds, not
+    // after the 120 s message timeout, and the default cluster's messages keep going.
+    tansu.kill();
+    let mut last = 0;
+    for n in 13..18 {
+        let [id, other] = enqueue_pair(&mut db, topics, "k", n);
+        let took = delivery_time(&mut db, id, "30 seconds").expect("the default cluster's message is delivered");
+        assert!(took < Duration::from_secs(15), "message {n} took {took:?}");
+        eprintln!("after the other cluster died: message {n} delivered in {took:?}");
+        last = other;
+    }
+    tansu.resume();
+    assert!(delivery_time(&mut db, last, "60 seconds").is_some(), "what waited for the cluster is delivered");
+    let records = read_topic_settled(&tansu.bootstrap(), &elsewhere, 18, WAIT, Duration::from_secs(2));
+    // At least once: a message purged in flight may have been written before the broker died.
+    let mut seen = std::collections::HashSet::new();
+    let in_order: Vec<String> =
+        records.iter().filter(|r| seen.insert(r.message_id().to_string())).map(|r| r.json().to_string()).collect();
+    assert_eq!(in_order, (0..18).map(|n| n.to_string()).collect::<Vec<_>>());
+    let on_default = payloads(&read_topic(&kafka, &local, 18, WAIT));
+    assert_eq!(on_default, (0..18).map(|n| n.to_string()).collect::<Vec<_>>());
+
+    let log = c.log();
+    assert_eq!(
+        log.matches(&format!("Kafka cluster {} is unavailable", tansu.bootstrap())).count(),
+        2,
+        "once per outage"
+    );
+    assert_eq!(log.matches(&format!("Kafka cluster {} is reachable again", tansu.bootstrap())).count(), 2);
 }
 
 #[test]

@@ -136,7 +136,9 @@ impl Worker {
         self.broker = BrokerState::Connected;
         self.reconnect_failures = 0;
         self.unavailable_since = None;
-        shmem::update(self.slot, |s| s.broker = BrokerState::Connected);
+        // With routes, one cluster down is enough for worker_status to say so.
+        let shown = if self.outages.is_empty() { BrokerState::Connected } else { BrokerState::Unavailable };
+        shmem::update(self.slot, |s| s.broker = shown);
     }
 
     /// Backoff before talking to an unavailable broker again.
@@ -144,10 +146,22 @@ impl Worker {
         guc::retry_backoff().after_failures(self.reconnect_failures.max(1))
     }
 
+    /// The producer of one cluster, created on first use.
+    fn take_sink(&mut self, config: &SinkConfig) -> Result<KafkaSink, String> {
+        let sink = match self.sinks.remove(config) {
+            Some(sink) => sink,
+            None => KafkaSink::new(config.clone())?,
+        };
+        if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
+            sink.inject_fatal_error();
+        }
+        Ok(sink)
+    }
+
     /// Produces `messages` through the sink of each one's destination and returns one report per
     /// message, in order. Producers whose settings changed (SIGHUP) are replaced.
-    /// With no routes, `meanwhile` runs while the acknowledgements are outstanding (with routes,
-    /// not at all).
+    /// With one cluster, `meanwhile` runs while the acknowledgements are outstanding (with
+    /// several, not at all).
     fn send(
         &mut self,
         messages: &[OutboundMessage],
@@ -156,159 +170,156 @@ impl Worker {
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
         let default_config = guc::sink_config().map_err(BatchError::Unavailable)?;
         if destinations.is_empty() {
-            // Everything goes to the default cluster under its own topic name: no copies. An
-            // outage of it holds the whole batch back (see `cycle`).
-            self.sinks.retain(|config, _| *config == default_config);
-            self.outages = ClusterOutages::default();
-            let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
-            let sink = self.sinks.remove(&default_config);
-            let mut sink =
-                sink.map_or_else(|| KafkaSink::new(default_config.clone()), Ok).map_err(BatchError::Unavailable)?;
-            if shmem::update(self.slot, |s| std::mem::take(&mut s.inject_fatal_error)) {
-                sink.inject_fatal_error();
-            }
-            let reports = sink.produce_batch(messages, &message_ids, &stop_or_drop_requested).and_then(|in_flight| {
-                meanwhile();
-                sink.wait_batch(in_flight, &stop_or_drop_requested, &mut |reason| {
-                    self.report_outage(reason);
-                    false
-                })
-            });
-            self.sinks.insert(default_config, sink);
-            return reports;
+            // Everything goes to the default cluster under its own topic name: no copies.
+            return self.send_to_one_cluster(default_config, messages, meanwhile);
         }
-        self.send_routed(messages, destinations, default_config)
-    }
-
-    /// With routes: each cluster's messages go through its own producer, all clusters at once. A
-    /// cluster that is down (or that was and is not to be tried yet) costs only its own messages:
-    /// they are reported `Deferred` and wait in held_messages, while the others are delivered.
-    fn send_routed(
-        &mut self,
-        messages: &[OutboundMessage],
-        destinations: &HashMap<String, Destination>,
-        default_config: SinkConfig,
-    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
-        // Group by cluster, keeping each group in delivery order.
-        let mut groups: Vec<(SinkConfig, Vec<usize>, Vec<OutboundMessage>)> = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            let destination = destinations.get(&m.topic);
-            let config = match destination.and_then(|d| d.bootstrap_servers.as_deref()) {
-                Some(bootstrap) => {
-                    guc::sink_config_for(bootstrap, destination.and_then(|d| d.kafka_properties.as_deref()))
-                        .map_err(BatchError::Unavailable)?
-                }
-                None => default_config.clone(),
-            };
-            let mut routed = m.clone();
-            if let Some(topic) = destination.and_then(|d| d.kafka_topic.clone()) {
-                routed.topic = topic;
+        let groups = group_by_cluster(messages, destinations, &default_config).map_err(BatchError::Unavailable)?;
+        let mut several = false;
+        for d in destinations.values() {
+            if let Some(bootstrap) = d.bootstrap_servers.as_deref() {
+                several |= guc::sink_config_for(bootstrap, d.kafka_properties.as_deref())
+                    .map_err(BatchError::Unavailable)?
+                    != default_config;
             }
-            match groups.iter_mut().find(|g| g.0 == config) {
-                Some(group) => {
-                    group.1.push(i);
-                    group.2.push(routed);
-                }
-                None => groups.push((config, vec![i], vec![routed])),
-            }
+        }
+        if !several {
+            // Routes that only rename topics: one cluster, as without routes.
+            let routed: Vec<OutboundMessage> = groups.into_iter().flat_map(|g| g.2).collect();
+            return self.send_to_one_cluster(default_config, &routed, meanwhile);
         }
         self.sinks.retain(|config, _| groups.iter().any(|g| &g.0 == config) || *config == default_config);
+        self.send_routed(messages.len(), groups)
+    }
+
+    /// Every message to one cluster. An outage of it holds the whole batch, which waits in place
+    /// and goes again as it was (see `cycle`).
+    fn send_to_one_cluster(
+        &mut self,
+        config: SinkConfig,
+        messages: &[OutboundMessage],
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
+        self.sinks.retain(|c, _| *c == config);
+        self.outages = ClusterOutages::default();
         let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
-        let mut reports: Vec<Option<Result<(), SendFailure>>> = vec![None; messages.len()];
+        let mut sink = self.take_sink(&config).map_err(BatchError::Unavailable)?;
+        let reports = sink.produce_batch(messages, &message_ids, &stop_or_drop_requested).and_then(|in_flight| {
+            meanwhile();
+            let waited =
+                sink.wait_batch(in_flight, &stop_or_drop_requested, false, &mut |reason| self.report_outage(reason));
+            waited.map(|(reports, _)| reports)
+        });
+        self.sinks.insert(config, sink);
+        reports
+    }
+
+    /// Several clusters: each cluster's messages (a group of `group_by_cluster`) go through its
+    /// own producer, all clusters at once. A cluster that is down (or that was, and is not to be
+    /// tried yet) holds back only its own messages: they are reported `Deferred`, to wait in
+    /// held_messages, while the others are delivered.
+    fn send_routed(
+        &mut self,
+        count: usize,
+        groups: Vec<ClusterGroup>,
+    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
+        let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
+        let mut reports: Vec<Option<Result<(), SendFailure>>> = vec![None; count];
+        let defer = |reports: &mut [Option<Result<(), SendFailure>>], indexes: &[usize], error: &str, until| {
+            for &i in indexes {
+                reports[i] = Some(Err(SendFailure::Deferred { error: error.to_string(), until }));
+            }
+        };
         let mut in_flight = Vec::new();
         for (config, indexes, routed) in groups {
-            if let Some((outage, wait)) = self.outages.waiting(&config, Instant::now()) {
-                let deferred = SendFailure::Deferred { error: outage.error.clone(), wait };
-                for &i in &indexes {
-                    reports[i] = Some(Err(deferred.clone()));
-                }
+            if let Some((outage, _)) = self.outages.waiting(&config, Instant::now()) {
+                defer(&mut reports, &indexes, &outage.error, outage.retry_at);
                 continue;
             }
-            let down = self.outages.is_down(&config);
-            let sink = self.sinks.remove(&config);
-            let produced = sink
-                .map_or_else(|| KafkaSink::new(config.clone()), Ok)
-                .and_then(|sink| match down {
-                    true => sink.probe(&routed[0].topic, CLUSTER_PROBE).map(|()| sink),
-                    false => Ok(sink),
-                })
-                .map_err(BatchError::Unavailable)
-                .and_then(|mut sink| {
-                    let batch = sink.produce_batch(&routed, &message_ids, &stop_or_drop_requested)?;
-                    Ok((sink, batch))
-                });
-            match produced {
-                Ok((sink, batch)) => in_flight.push((config, indexes, sink, batch)),
+            let mut sink = match self.take_sink(&config) {
+                Ok(sink) => sink,
+                Err(error) => {
+                    let (until, error) = self.cluster_failed(&config, &error);
+                    defer(&mut reports, &indexes, &error, until);
+                    continue;
+                }
+            };
+            // A cluster found down is asked for metadata first, briefly: a try of one still down
+            // then holds the other clusters back for no longer than that.
+            let ready = match self.outages.is_down(&config) {
+                true => sink.probe(&routed[0].topic, CLUSTER_PROBE).map_err(BatchError::Unavailable),
+                false => Ok(()),
+            };
+            match ready.and_then(|()| sink.produce_batch(&routed, &message_ids, &stop_or_drop_requested)) {
+                Ok(batch) => in_flight.push((config, indexes, sink, batch)),
                 Err(BatchError::Unavailable(error)) => {
-                    let wait = self.cluster_failed(&config, &error);
-                    for &i in &indexes {
-                        reports[i] = Some(Err(SendFailure::Deferred { error: error.clone(), wait }));
-                    }
+                    // Nothing of it was handed over: the producer keeps connecting in the
+                    // background, for the next try (a cluster slow to connect, TLS and SASL
+                    // across an ocean, could never answer a new producer's probe in time).
+                    self.sinks.insert(config.clone(), sink);
+                    let (until, error) = self.cluster_failed(&config, &error);
+                    defer(&mut reports, &indexes, &error, until);
                 }
                 Err(interrupted) => return Err(interrupted),
             }
         }
         for (config, indexes, mut sink, batch) in in_flight {
-            // A cluster that looks down is given up at once: waiting out its message timeout
-            // would hold back every other cluster's next batch.
-            let mut gave_up: Option<String> = None;
-            let group_reports = sink.wait_batch(batch, &stop_or_drop_requested, &mut |reason| {
-                gave_up = Some(reason.to_string());
-                true
-            })?;
+            let mut outage = None;
+            let (group_reports, gave_up) =
+                sink.wait_batch(batch, &stop_or_drop_requested, true, &mut |reason| outage = Some(reason.to_string()))?;
             let unavailable = group_reports.iter().find_map(|r| match r {
                 Err(SendFailure::Unavailable(e)) => Some(e.clone()),
                 _ => None,
             });
-            let keep_producer = match gave_up.or(unavailable) {
-                None => {
-                    if let Some(down) = self.outages.recovered(&config, Instant::now()) {
-                        log!(
-                            "pg_outbox: Kafka cluster {} is reachable again after {:.1} s; the messages that waited for it go first in their keys' lines",
-                            config.bootstrap_servers,
-                            down.as_secs_f64()
-                        );
-                    }
-                    for (i, report) in indexes.into_iter().zip(group_reports) {
-                        reports[i] = Some(report);
-                    }
-                    true
+            let Some(error) = outage.filter(|_| unavailable.is_some()).or(unavailable) else {
+                if let Some(down) = self.outages.recovered(&config, Instant::now()) {
+                    log!(
+                        "pg_outbox: Kafka cluster {} is reachable again after {:.1} s",
+                        config.bootstrap_servers,
+                        down.as_secs_f64()
+                    );
                 }
-                Some(error) => {
-                    let wait = self.cluster_failed(&config, &error);
-                    for (i, report) in indexes.into_iter().zip(group_reports) {
-                        reports[i] = Some(match report {
-                            Err(SendFailure::Unavailable(_)) => {
-                                Err(SendFailure::Deferred { error: error.clone(), wait })
-                            }
-                            other => other,
-                        });
-                    }
-                    // After a purge, or a message timed out "possibly persisted", the next try
-                    // starts over with a new idempotent producer (as `cycle` does without routes).
-                    false
+                for (i, report) in indexes.into_iter().zip(group_reports) {
+                    reports[i] = Some(report);
                 }
-            };
-            if keep_producer {
                 self.sinks.insert(config, sink);
+                continue;
+            };
+            let (until, error) = self.cluster_failed(&config, &error);
+            // After a purge, what was acknowledged of a key came before what was purged (a
+            // partition's requests complete in order): it stays delivered. After a message
+            // timeout, a key's later message may have been acknowledged after an earlier one
+            // expired: then the cluster's whole part waits and goes again, in order.
+            for (i, report) in indexes.into_iter().zip(group_reports) {
+                reports[i] = Some(match report {
+                    Ok(()) | Err(SendFailure::Refused(_)) if gave_up => report,
+                    Err(SendFailure::Fatal(e)) => Err(SendFailure::Fatal(e)),
+                    _ => Err(SendFailure::Deferred { error: error.clone(), until }),
+                });
             }
+            // Not kept: the next try starts over with a new idempotent producer, as `cycle`
+            // does without routes after messages timed out "possibly persisted".
         }
         Ok(reports.into_iter().map(|r| r.unwrap_or_else(|| Err(SendFailure::Unavailable("not sent".into())))).collect())
     }
 
-    /// A try of one of several clusters failed: its messages wait for the backoff returned. The
-    /// outage is logged once, when it starts.
-    fn cluster_failed(&mut self, config: &SinkConfig, error: &str) -> Duration {
-        let (wait, new) = self.outages.failed(config, error, Instant::now(), &guc::retry_backoff());
-        if new {
+    /// A try of one of several clusters failed: its messages wait until the time returned, with
+    /// the error returned (which names the cluster). The outage is logged once, when it starts
+    /// (its end, by `send_routed`).
+    fn cluster_failed(&mut self, config: &SinkConfig, error: &str) -> (Instant, String) {
+        let now = Instant::now();
+        if !self.outages.is_down(config) {
             log!(
-                "pg_outbox: Kafka cluster {} is unavailable; messages routed to it wait in outbox.held_messages while the other clusters' go on: {error}",
+                "pg_outbox: Kafka cluster {} is unavailable, its messages wait while the other clusters' go on: {error}",
                 config.bootstrap_servers
             );
         }
         let error = format!("Kafka cluster {}: {error}", config.bootstrap_servers);
-        shmem::update(self.slot, |s| s.set_last_error(&error));
-        wait
+        let wait = self.outages.failed(config, &error, now, &guc::retry_backoff());
+        shmem::update(self.slot, |s| {
+            s.broker = BrokerState::Unavailable;
+            s.set_last_error(&error);
+        });
+        (now + wait, error)
     }
 
     fn maybe_rotate(&mut self) {
@@ -507,6 +518,40 @@ impl Worker {
     }
 }
 
+/// The messages of one cluster, in delivery order: the cluster, their indexes in the batch, and
+/// the messages under their Kafka topic names.
+type ClusterGroup = (SinkConfig, Vec<usize>, Vec<OutboundMessage>);
+
+/// Each cluster's messages (see `ClusterGroup`).
+fn group_by_cluster(
+    messages: &[OutboundMessage],
+    destinations: &HashMap<String, Destination>,
+    default_config: &SinkConfig,
+) -> Result<Vec<ClusterGroup>, String> {
+    let mut groups: Vec<ClusterGroup> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let destination = destinations.get(&m.topic);
+        let config = match destination.and_then(|d| d.bootstrap_servers.as_deref()) {
+            Some(bootstrap) => {
+                guc::sink_config_for(bootstrap, destination.and_then(|d| d.kafka_properties.as_deref()))?
+            }
+            None => default_config.clone(),
+        };
+        let mut routed = m.clone();
+        if let Some(topic) = destination.and_then(|d| d.kafka_topic.clone()) {
+            routed.topic = topic;
+        }
+        match groups.iter_mut().find(|g| g.0 == config) {
+            Some(group) => {
+                group.1.push(i);
+                group.2.push(routed);
+            }
+            None => groups.push((config, vec![i], vec![routed])),
+        }
+    }
+    Ok(groups)
+}
+
 /// A batch that starts a new backlog window did not get through: records where the window
 /// starts, so that the next attempt goes on from there. Otherwise each attempt would read the
 /// window anew and pass over every unsettled row to find its lowest id, once per reconnect while
@@ -550,9 +595,10 @@ fn settle(
         }
     }
     // Not an attempt: their cluster is down. They wait until it is tried again.
-    for (i, error, wait) in &outcome.deferred {
+    let now = Instant::now();
+    for (i, error, until) in &outcome.deferred {
         let m = &sent[*i];
-        let wait = wait.as_secs_f64();
+        let wait = until.saturating_duration_since(now).as_secs_f64();
         if m.held {
             s.postponed_held.push((m.id, error.clone(), wait));
         } else {

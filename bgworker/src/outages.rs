@@ -43,14 +43,18 @@ impl<K: Eq + Hash + Clone> ClusterOutages<K> {
         (wait > EARLY).then_some((outage, wait))
     }
 
+    /// Whether no cluster is down.
+    pub fn is_empty(&self) -> bool {
+        self.down.is_empty()
+    }
+
     /// Whether `cluster` is down (its next try is then a probe first).
     pub fn is_down(&self, cluster: &K) -> bool {
         self.down.contains_key(cluster)
     }
 
-    /// A try failed. Returns how long the cluster's messages wait now, and whether this is a new
-    /// outage (to be logged; further failures of the same outage are not).
-    pub fn failed(&mut self, cluster: &K, error: &str, now: Instant, backoff: &Backoff) -> (Duration, bool) {
+    /// A try failed. Returns how long the cluster's messages wait now.
+    pub fn failed(&mut self, cluster: &K, error: &str, now: Instant, backoff: &Backoff) -> Duration {
         let outage = self.down.entry(cluster.clone()).or_insert_with(|| ClusterOutage {
             since: now,
             failures: 0,
@@ -61,7 +65,7 @@ impl<K: Eq + Hash + Clone> ClusterOutages<K> {
         let wait = backoff.after_failures(outage.failures);
         outage.retry_at = now + wait;
         outage.error = error.to_string();
-        (wait, outage.failures == 1)
+        wait
     }
 
     /// A try went through: the outage is over. Returns how long it lasted, if there was one.
@@ -81,17 +85,17 @@ mod tests {
         let mut outages = ClusterOutages::default();
         let t0 = Instant::now();
         assert!(outages.waiting(&"b", t0).is_none());
-        assert_eq!(outages.failed(&"b", "refused", t0, &BACKOFF), (Duration::from_secs(1), true));
+        assert_eq!(outages.failed(&"b", "refused", t0, &BACKOFF), Duration::from_secs(1));
         let (outage, wait) = outages.waiting(&"b", t0).expect("down");
         assert_eq!((outage.error.as_str(), wait), ("refused", Duration::from_secs(1)));
         let t1 = t0 + Duration::from_secs(1);
         assert!(outages.waiting(&"b", t1).is_none(), "tried again once its wait is over");
         assert!(outages.is_down(&"b"), "but still down until a try goes through");
-        assert_eq!(outages.failed(&"b", "still refused", t1, &BACKOFF), (Duration::from_secs(2), false));
+        assert_eq!(outages.failed(&"b", "still refused", t1, &BACKOFF), Duration::from_secs(2));
         let t2 = t1 + Duration::from_secs(2);
-        assert_eq!(outages.failed(&"b", "still refused", t2, &BACKOFF).0, Duration::from_secs(4));
-        assert_eq!(outages.failed(&"b", "still refused", t2, &BACKOFF).0, Duration::from_secs(8));
-        assert_eq!(outages.failed(&"b", "still refused", t2, &BACKOFF).0, Duration::from_secs(8), "capped");
+        assert_eq!(outages.failed(&"b", "still refused", t2, &BACKOFF), Duration::from_secs(4));
+        assert_eq!(outages.failed(&"b", "still refused", t2, &BACKOFF), Duration::from_secs(8));
+        assert_eq!(outages.failed(&"b", "still refused", t2, &BACKOFF), Duration::from_secs(8), "capped");
         assert!(outages.waiting(&"a", t2).is_none(), "other clusters are not affected");
     }
 
@@ -113,9 +117,7 @@ mod tests {
         assert_eq!(outages.recovered(&"b", t0 + Duration::from_secs(5)), Some(Duration::from_secs(5)));
         assert_eq!(outages.recovered(&"b", t0 + Duration::from_secs(6)), None);
         assert!(!outages.is_down(&"b"));
-        assert_eq!(
-            outages.failed(&"b", "refused", t0 + Duration::from_secs(7), &BACKOFF),
-            (Duration::from_secs(1), true)
-        );
+        let again = outages.failed(&"b", "refused", t0 + Duration::from_secs(7), &BACKOFF);
+        assert_eq!(again, Duration::from_secs(1), "a new outage starts its backoff over");
     }
 }

@@ -17,9 +17,9 @@ pub enum SendFailure {
     /// unacknowledged rows resent from the table.
     Fatal(String),
     /// Its cluster, one of several that messages are routed to, is down (see `ClusterOutages`):
-    /// the message was not sent, or not acknowledged, and waits in held_messages for `wait`
-    /// without counting an attempt, while the other clusters' messages go on.
-    Deferred { error: String, wait: Duration },
+    /// the message was not sent, or not acknowledged, and waits in held_messages `until` the
+    /// cluster is tried again, without counting an attempt, while the other clusters' messages go on.
+    Deferred { error: String, until: Instant },
 }
 
 impl SendFailure {
@@ -72,8 +72,8 @@ pub struct BatchOutcome {
     pub unavailable: Option<String>,
     /// Set when the producer hit a fatal error: recreate it and resend the batch.
     pub fatal: Option<String>,
-    /// Indexes of messages whose cluster is down, with why and how long they wait.
-    pub deferred: Vec<(usize, String, Duration)>,
+    /// Indexes of messages whose cluster is down, with why and until when they wait.
+    pub deferred: Vec<(usize, String, Instant)>,
 }
 
 impl BatchOutcome {
@@ -89,7 +89,7 @@ impl BatchOutcome {
                 Err(SendFailure::Fatal(e)) => {
                     outcome.fatal.get_or_insert(e);
                 }
-                Err(SendFailure::Deferred { error, wait }) => outcome.deferred.push((i, error, wait)),
+                Err(SendFailure::Deferred { error, until }) => outcome.deferred.push((i, error, until)),
             }
         }
         outcome
@@ -307,6 +307,14 @@ impl OutageWatch {
         self.reported = outage.is_some();
         outage
     }
+
+    /// Whether a wait that may be given up (a cluster among several, whose outage must not hold
+    /// back the others) is to be: when librdkafka reports every broker lost during the wait, or
+    /// after `SILENCE` without a report. A loss reported before the wait is not enough: it may
+    /// be an idle connection the broker closed, and the first acknowledgement only slow.
+    pub fn gives_up(&self, now: Instant, lost_at: Option<Instant>) -> bool {
+        lost_at.is_some_and(|at| at >= self.started) || now.saturating_duration_since(self.last_report) >= Self::SILENCE
+    }
 }
 
 /// When to hand librdkafka its bootstrap servers again while it has lost every broker: once the
@@ -393,6 +401,22 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_among_several_is_given_up_on_a_fresh_loss_or_a_silence_not_on_an_old_loss() {
+        let lost_before = Instant::now();
+        let start = lost_before + Duration::from_secs(60);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut watch = OutageWatch::new(start);
+        assert!(!watch.gives_up(at(100), None));
+        assert!(watch.gives_up(at(100), Some(at(50))), "lost during the wait");
+        watch.check(at(3000), 0, Some(lost_before));
+        assert!(!watch.gives_up(at(3000), Some(lost_before)), "a loss from before the wait, 3 s quiet");
+        assert!(watch.gives_up(at(10_000), Some(lost_before)), "10 s without a report");
+        let mut slow = OutageWatch::new(start);
+        slow.check(at(9_000), 5, None);
+        assert!(!slow.gives_up(at(15_000), None), "a report 6 s ago");
+    }
+
+    #[test]
     fn a_broker_that_answers_nothing_is_unavailable_after_the_silence_but_a_slow_one_is_not() {
         let start = Instant::now();
         let at = |s: u64| start + Duration::from_secs(s);
@@ -453,15 +477,15 @@ mod tests {
 
     #[test]
     fn messages_of_a_cluster_that_is_down_are_deferred_and_the_rest_of_the_batch_settles() {
-        let wait = Duration::from_secs(2);
+        let until = Instant::now() + Duration::from_secs(2);
         let outcome = BatchOutcome::from_reports(vec![
             Ok(()),
-            Err(SendFailure::Deferred { error: "b is down".into(), wait }),
+            Err(SendFailure::Deferred { error: "b is down".into(), until }),
             Err(SendFailure::Refused("too big".into())),
         ]);
         assert_eq!(outcome.delivered, vec![0]);
         assert_eq!(outcome.refused, vec![(2, "too big".to_string())]);
-        assert_eq!(outcome.deferred, vec![(1, "b is down".to_string(), wait)]);
+        assert_eq!(outcome.deferred, vec![(1, "b is down".to_string(), until)]);
         assert!(outcome.is_settled());
     }
 

@@ -417,17 +417,19 @@ impl KafkaSink {
     }
 
     /// Waits for every delivery report of a produced batch; one report per message, in order.
-    /// `outage` hears, once, if the broker looks unavailable meanwhile (`OutageWatch`). If it
-    /// answers true, the batch is given up: what librdkafka still holds of it is purged and
-    /// reported unavailable, and the producer must not be used again (a purged message may
-    /// still have been written, and its sequence numbers are lost).
+    /// `outage` hears, once, if the broker looks unavailable meanwhile (`OutageWatch`). With
+    /// `may_give_up`, the batch is given up when the cluster looks down (`OutageWatch::gives_up`):
+    /// what librdkafka still holds of it is purged and reported unavailable, and the producer
+    /// must not be used again (a purged message may still have been written, and its sequence
+    /// numbers are lost). Returns the reports, and whether the batch was given up.
     pub fn wait_batch(
         &mut self,
         in_flight: InFlight,
         should_stop: &dyn Fn() -> bool,
-        outage: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
-        self.flush(in_flight.since, should_stop, outage)?;
+        may_give_up: bool,
+        outage: &mut dyn FnMut(&str),
+    ) -> Result<(Vec<Result<(), SendFailure>>, bool), BatchError> {
+        let gave_up = self.flush(in_flight.since, should_stop, may_give_up, outage)?;
         // A message counts as in librdkafka's queue until its report has been filed, so after
         // the flush every report is here; the loop only guards against a report still on its way.
         loop {
@@ -436,7 +438,7 @@ impl KafkaSink {
                 if filed.batch == in_flight.batch && filed.reports.iter().all(Option::is_some) {
                     let mut reports = Vec::with_capacity(in_flight.messages);
                     reports.extend(std::mem::take(&mut filed.reports).into_iter().take(in_flight.messages).flatten());
-                    return Ok(reports);
+                    return Ok((reports, gave_up));
                 }
             }
             if should_stop() {
@@ -463,15 +465,17 @@ impl KafkaSink {
         &mut self,
         since: Instant,
         should_stop: &dyn Fn() -> bool,
-        outage: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(), BatchError> {
+        may_give_up: bool,
+        outage: &mut dyn FnMut(&str),
+    ) -> Result<bool, BatchError> {
         use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT;
         let mut watch = OutageWatch::new(since);
+        let mut gave_up = false;
         loop {
             let err = unsafe { rdkafka_sys::rd_kafka_flush(self.producer.client().native_ptr(), 100) };
             if err != RD_KAFKA_RESP_ERR__TIMED_OUT {
                 // Done, or an error the delivery reports will name.
-                return Ok(());
+                return Ok(gave_up);
             }
             if should_stop() {
                 return Err(BatchError::Interrupted);
@@ -492,16 +496,28 @@ impl KafkaSink {
                     )
                 };
             }
-            let what = match watch.check(Instant::now(), reports, lost_at) {
-                Some(Outage::BrokersLost) => lost.map_or("every broker is down".to_string(), |(why, _)| why),
-                Some(Outage::Silent(quiet)) => format!("no acknowledgement from Kafka for {} s", quiet.as_secs()),
-                None => continue,
-            };
-            if outage(&with_cause(&what, cause.as_deref())) {
+            let now = Instant::now();
+            match watch.check(now, reports, lost_at) {
+                Some(Outage::BrokersLost) => {
+                    let what = lost.map_or("every broker is down".to_string(), |(why, _)| why);
+                    outage(&with_cause(&what, cause.as_deref()));
+                }
+                Some(Outage::Silent(quiet)) => {
+                    let what = format!("no acknowledgement from Kafka for {} s", quiet.as_secs());
+                    outage(&with_cause(&what, cause.as_deref()));
+                }
+                None => {}
+            }
+            if may_give_up && !gave_up && watch.gives_up(now, lost_at) {
                 // Each purged message is reported (ERR__PURGE_QUEUE or ERR__PURGE_INFLIGHT, both
-                // unavailable) on librdkafka's next poll; the flush goes on until they are.
-                let flags = rdkafka_sys::RD_KAFKA_PURGE_F_QUEUE | rdkafka_sys::RD_KAFKA_PURGE_F_INFLIGHT;
+                // unavailable) on librdkafka's next poll; the flush goes on until they are. Not
+                // blocking: a broker thread busy elsewhere (a slow DNS lookup) must not stall the
+                // worker, which would then miss a DROP DATABASE.
+                let flags = rdkafka_sys::RD_KAFKA_PURGE_F_QUEUE
+                    | rdkafka_sys::RD_KAFKA_PURGE_F_INFLIGHT
+                    | rdkafka_sys::RD_KAFKA_PURGE_F_NON_BLOCKING;
                 unsafe { rdkafka_sys::rd_kafka_purge(self.producer.client().native_ptr(), flags) };
+                gave_up = true;
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The forwarding worker of one database: a loop of read (short transaction) -> send (no
 //! transaction) -> record (short transaction), asleep on its latch when there is nothing to do.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -76,8 +76,10 @@ struct Worker {
     system_identifier: u64,
     /// One producer per Kafka cluster: the default one, and those of outbox.destinations.
     sinks: HashMap<SinkConfig, KafkaSink>,
-    /// With routes, the clusters found down (without routes, an outage holds the whole batch).
+    /// With several clusters, those found down (with one, an outage holds the whole batch).
     outages: ClusterOutages<SinkConfig>,
+    /// Errors of routes whose properties do not parse, as logged (once each).
+    invalid_routes: HashSet<String>,
     state: WorkerState,
     broker: BrokerState,
     unavailable_since: Option<Instant>,
@@ -136,9 +138,8 @@ impl Worker {
         self.broker = BrokerState::Connected;
         self.reconnect_failures = 0;
         self.unavailable_since = None;
-        // With routes, one cluster down is enough for worker_status to say so.
-        let shown = if self.outages.is_empty() { BrokerState::Connected } else { BrokerState::Unavailable };
-        shmem::update(self.slot, |s| s.broker = shown);
+        // With several clusters, one down is enough for worker_status to say so.
+        self.show_broker_state();
     }
 
     /// Backoff before talking to an unavailable broker again.
@@ -169,25 +170,42 @@ impl Worker {
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
         let default_config = guc::sink_config().map_err(BatchError::Unavailable)?;
-        if destinations.is_empty() {
-            // Everything goes to the default cluster under its own topic name: no copies.
+        // The cluster of each route that names one, or why its properties do not parse.
+        let routes: HashMap<&str, Result<SinkConfig, String>> = destinations
+            .iter()
+            .filter_map(|(topic, d)| {
+                let bootstrap = d.bootstrap_servers.as_deref()?;
+                Some((topic.as_str(), guc::sink_config_for(bootstrap, d.kafka_properties.as_deref())))
+            })
+            .collect();
+        let in_use =
+            |config: &SinkConfig| *config == default_config || routes.values().any(|r| r.as_ref() == Ok(config));
+        for (_, sink) in self.sinks.extract_if(|config, _| !in_use(config)) {
+            retire(sink);
+        }
+        let several = routes.values().any(|r| r.as_ref() != Ok(&default_config));
+        let outages = self.outages.len();
+        match several {
+            true => self.outages.retain(|config| in_use(config)),
+            false => self.outages = ClusterOutages::default(),
+        }
+        if self.outages.len() < outages {
+            self.show_broker_state();
+        }
+        // A route fixed and broken again is logged again.
+        self.invalid_routes.retain(|e| routes.values().any(|r| r.as_ref().err() == Some(e)));
+        if !several {
+            // No routes, or routes that only rename topics: one cluster.
+            let renamed: Vec<OutboundMessage>;
+            let messages = if destinations.is_empty() {
+                messages
+            } else {
+                renamed = messages.iter().map(|m| renamed_for(m, destinations)).collect();
+                &renamed
+            };
             return self.send_to_one_cluster(default_config, messages, meanwhile);
         }
-        let groups = group_by_cluster(messages, destinations, &default_config).map_err(BatchError::Unavailable)?;
-        let mut several = false;
-        for d in destinations.values() {
-            if let Some(bootstrap) = d.bootstrap_servers.as_deref() {
-                several |= guc::sink_config_for(bootstrap, d.kafka_properties.as_deref())
-                    .map_err(BatchError::Unavailable)?
-                    != default_config;
-            }
-        }
-        if !several {
-            // Routes that only rename topics: one cluster, as without routes.
-            let routed: Vec<OutboundMessage> = groups.into_iter().flat_map(|g| g.2).collect();
-            return self.send_to_one_cluster(default_config, &routed, meanwhile);
-        }
-        self.sinks.retain(|config, _| groups.iter().any(|g| &g.0 == config) || *config == default_config);
+        let groups = group_by_cluster(messages, destinations, &routes, &default_config);
         self.send_routed(messages.len(), groups)
     }
 
@@ -199,8 +217,6 @@ impl Worker {
         messages: &[OutboundMessage],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
-        self.sinks.retain(|c, _| *c == config);
-        self.outages = ClusterOutages::default();
         let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
         let mut sink = self.take_sink(&config).map_err(BatchError::Unavailable)?;
         let reports = sink.produce_batch(messages, &message_ids, &stop_or_drop_requested).and_then(|in_flight| {
@@ -220,7 +236,7 @@ impl Worker {
     fn send_routed(
         &mut self,
         count: usize,
-        groups: Vec<ClusterGroup>,
+        mut groups: Vec<ClusterGroup>,
     ) -> Result<Vec<Result<(), SendFailure>>, BatchError> {
         let message_ids = MessageIds::new(self.system_identifier, self.database_oid);
         let mut reports: Vec<Option<Result<(), SendFailure>>> = vec![None; count];
@@ -229,8 +245,21 @@ impl Worker {
                 reports[i] = Some(Err(SendFailure::Deferred { error: error.to_string(), until }));
             }
         };
+        // The clusters that are up first: a cluster found down is probed, and its probe must not
+        // delay what the others can take.
+        groups.sort_by_key(|g| g.0.as_ref().is_ok_and(|config| self.outages.is_down(config)));
         let mut in_flight = Vec::new();
-        for (config, indexes, routed) in groups {
+        for (route, indexes, routed) in groups {
+            let config = match route {
+                Ok(config) => config,
+                Err(error) => {
+                    // A route whose properties do not parse: its messages wait for it to be fixed.
+                    let until = Instant::now() + guc::retry_backoff().max;
+                    self.route_invalid(&error);
+                    defer(&mut reports, &indexes, &error, until);
+                    continue;
+                }
+            };
             if let Some((outage, _)) = self.outages.waiting(&config, Instant::now()) {
                 defer(&mut reports, &indexes, &outage.error, outage.retry_at);
                 continue;
@@ -264,14 +293,16 @@ impl Worker {
         }
         for (config, indexes, mut sink, batch) in in_flight {
             let mut outage = None;
-            let (group_reports, gave_up) =
+            let (group_reports, purged_cleanly) =
                 sink.wait_batch(batch, &stop_or_drop_requested, true, &mut |reason| outage = Some(reason.to_string()))?;
             let unavailable = group_reports.iter().find_map(|r| match r {
                 Err(SendFailure::Unavailable(e)) => Some(e.clone()),
                 _ => None,
             });
             let Some(error) = outage.filter(|_| unavailable.is_some()).or(unavailable) else {
-                if let Some(down) = self.outages.recovered(&config, Instant::now()) {
+                // A fatal error is not a recovery: the whole batch goes again (see `cycle`).
+                let fatal = group_reports.iter().any(|r| matches!(r, Err(SendFailure::Fatal(_))));
+                if let Some(down) = self.outages.recovered(&config, Instant::now()).filter(|_| !fatal) {
                     log!(
                         "pg_outbox: Kafka cluster {} is reachable again after {:.1} s",
                         config.bootstrap_servers,
@@ -285,21 +316,42 @@ impl Worker {
                 continue;
             };
             let (until, error) = self.cluster_failed(&config, &error);
-            // After a purge, what was acknowledged of a key came before what was purged (a
-            // partition's requests complete in order): it stays delivered. After a message
-            // timeout, a key's later message may have been acknowledged after an earlier one
-            // expired: then the cluster's whole part waits and goes again, in order.
+            // Given up with nothing failed before: what was acknowledged of a key came before
+            // what was purged (a partition's requests complete in order), and stays delivered.
+            // Otherwise (a message timeout) a key's later message may have been acknowledged
+            // after an earlier one expired: then the cluster's whole part waits and goes again,
+            // in order.
             for (i, report) in indexes.into_iter().zip(group_reports) {
                 reports[i] = Some(match report {
-                    Ok(()) | Err(SendFailure::Refused(_)) if gave_up => report,
+                    Ok(()) | Err(SendFailure::Refused(_)) if purged_cleanly => report,
                     Err(SendFailure::Fatal(e)) => Err(SendFailure::Fatal(e)),
                     _ => Err(SendFailure::Deferred { error: error.clone(), until }),
                 });
             }
-            // Not kept: the next try starts over with a new idempotent producer, as `cycle`
-            // does without routes after messages timed out "possibly persisted".
+            // The next try starts over with a new idempotent producer (as `cycle` does with one
+            // cluster after messages timed out "possibly persisted"), made now so that it is
+            // connecting while the cluster's messages wait.
+            retire(sink);
+            if let Ok(fresh) = KafkaSink::new(config.clone()) {
+                self.sinks.insert(config, fresh);
+            }
         }
         Ok(reports.into_iter().map(|r| r.unwrap_or_else(|| Err(SendFailure::Unavailable("not sent".into())))).collect())
+    }
+
+    /// A route's properties do not parse: said once per distinct error (`invalid_routes`).
+    fn route_invalid(&mut self, error: &str) {
+        if self.invalid_routes.insert(error.to_string()) {
+            log!("pg_outbox: {error}; the messages of its topic wait until outbox.destinations is fixed");
+        }
+        shmem::update(self.slot, |s| s.set_last_error(error));
+    }
+
+    /// What worker_status shows: unavailable while the broker is, or while any of several
+    /// clusters is down.
+    fn show_broker_state(&self) {
+        let shown = if self.outages.is_empty() { self.broker } else { BrokerState::Unavailable };
+        shmem::update(self.slot, |s| s.broker = shown);
     }
 
     /// A try of one of several clusters failed: its messages wait until the time returned, with
@@ -518,38 +570,47 @@ impl Worker {
     }
 }
 
-/// The messages of one cluster, in delivery order: the cluster, their indexes in the batch, and
-/// the messages under their Kafka topic names.
-type ClusterGroup = (SinkConfig, Vec<usize>, Vec<OutboundMessage>);
+/// The messages of one cluster, in delivery order: the cluster (or why its route's properties do
+/// not parse), their indexes in the batch, and the messages under their Kafka topic names.
+type ClusterGroup = (Result<SinkConfig, String>, Vec<usize>, Vec<OutboundMessage>);
 
-/// Each cluster's messages (see `ClusterGroup`).
+/// Each cluster's messages (see `ClusterGroup`); `routes` has the cluster of each route that names one.
 fn group_by_cluster(
     messages: &[OutboundMessage],
     destinations: &HashMap<String, Destination>,
+    routes: &HashMap<&str, Result<SinkConfig, String>>,
     default_config: &SinkConfig,
-) -> Result<Vec<ClusterGroup>, String> {
+) -> Vec<ClusterGroup> {
     let mut groups: Vec<ClusterGroup> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        let destination = destinations.get(&m.topic);
-        let config = match destination.and_then(|d| d.bootstrap_servers.as_deref()) {
-            Some(bootstrap) => {
-                guc::sink_config_for(bootstrap, destination.and_then(|d| d.kafka_properties.as_deref()))?
-            }
-            None => default_config.clone(),
-        };
-        let mut routed = m.clone();
-        if let Some(topic) = destination.and_then(|d| d.kafka_topic.clone()) {
-            routed.topic = topic;
-        }
-        match groups.iter_mut().find(|g| g.0 == config) {
+        let cluster = routes.get(m.topic.as_str()).cloned().unwrap_or_else(|| Ok(default_config.clone()));
+        let routed = renamed_for(m, destinations);
+        match groups.iter_mut().find(|g| g.0 == cluster) {
             Some(group) => {
                 group.1.push(i);
                 group.2.push(routed);
             }
-            None => groups.push((config, vec![i], vec![routed])),
+            None => groups.push((cluster, vec![i], vec![routed])),
         }
     }
-    Ok(groups)
+    groups
+}
+
+/// The message under the Kafka topic name its route gives it.
+fn renamed_for(m: &OutboundMessage, destinations: &HashMap<String, Destination>) -> OutboundMessage {
+    let mut routed = m.clone();
+    if let Some(topic) = destinations.get(&m.topic).and_then(|d| d.kafka_topic.clone()) {
+        routed.topic = topic;
+    }
+    routed
+}
+
+/// Destroys a producer on a thread of its own: librdkafka's destroy waits for its broker threads,
+/// which a cluster that is down can hold up (in a connect or a DNS lookup), and the worker must
+/// stay responsive to SIGTERM and DROP DATABASE. The thread touches nothing of Postgres.
+fn retire(sink: KafkaSink) {
+    // If no thread can be started, the closure (and the producer) is dropped here instead.
+    let _ = std::thread::Builder::new().name("pg_outbox retire".into()).spawn(move || drop(sink));
 }
 
 /// A batch that starts a new backlog window did not get through: records where the window
@@ -695,6 +756,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         system_identifier: unsafe { pg_sys::GetSystemIdentifier() },
         sinks: HashMap::new(),
         outages: ClusterOutages::default(),
+        invalid_routes: HashSet::new(),
         state: WorkerState::Starting,
         broker: BrokerState::Unknown,
         unavailable_since: None,

@@ -48,6 +48,17 @@ impl<K: Eq + Hash + Clone> ClusterOutages<K> {
         self.down.is_empty()
     }
 
+    /// How many clusters are down.
+    pub fn len(&self) -> usize {
+        self.down.len()
+    }
+
+    /// Forgets the clusters no longer routed to: a route changed or removed while its cluster was
+    /// down must not leave it down for ever.
+    pub fn retain(&mut self, mut routed: impl FnMut(&K) -> bool) {
+        self.down.retain(|k, _| routed(k));
+    }
+
     /// Whether `cluster` is down (its next try is then a probe first).
     pub fn is_down(&self, cluster: &K) -> bool {
         self.down.contains_key(cluster)
@@ -119,5 +130,17 @@ mod tests {
         assert!(!outages.is_down(&"b"));
         let again = outages.failed(&"b", "refused", t0 + Duration::from_secs(7), &BACKOFF);
         assert_eq!(again, Duration::from_secs(1), "a new outage starts its backoff over");
+    }
+
+    #[test]
+    fn clusters_no_longer_routed_to_are_forgotten() {
+        let mut outages = ClusterOutages::default();
+        let t0 = Instant::now();
+        outages.failed(&"a", "refused", t0, &BACKOFF);
+        outages.failed(&"b", "refused", t0, &BACKOFF);
+        outages.retain(|k| *k == "b");
+        assert_eq!(outages.len(), 1);
+        assert!(!outages.is_down(&"a"));
+        assert!(outages.is_down(&"b"));
     }
 }

@@ -421,7 +421,9 @@ impl KafkaSink {
     /// `may_give_up`, the batch is given up when the cluster looks down (`OutageWatch::gives_up`):
     /// what librdkafka still holds of it is purged and reported unavailable, and the producer
     /// must not be used again (a purged message may still have been written, and its sequence
-    /// numbers are lost). Returns the reports, and whether the batch was given up.
+    /// numbers are lost). Returns the reports, and whether the batch was given up with none of
+    /// its messages failed before: then, within each partition, what was acknowledged came
+    /// before what was purged.
     pub fn wait_batch(
         &mut self,
         in_flight: InFlight,
@@ -429,7 +431,7 @@ impl KafkaSink {
         may_give_up: bool,
         outage: &mut dyn FnMut(&str),
     ) -> Result<(Vec<Result<(), SendFailure>>, bool), BatchError> {
-        let gave_up = self.flush(in_flight.since, should_stop, may_give_up, outage)?;
+        let purged_cleanly = self.flush(in_flight.since, should_stop, may_give_up, outage)?;
         // A message counts as in librdkafka's queue until its report has been filed, so after
         // the flush every report is here; the loop only guards against a report still on its way.
         loop {
@@ -438,7 +440,7 @@ impl KafkaSink {
                 if filed.batch == in_flight.batch && filed.reports.iter().all(Option::is_some) {
                     let mut reports = Vec::with_capacity(in_flight.messages);
                     reports.extend(std::mem::take(&mut filed.reports).into_iter().take(in_flight.messages).flatten());
-                    return Ok((reports, gave_up));
+                    return Ok((reports, purged_cleanly));
                 }
             }
             if should_stop() {
@@ -470,12 +472,12 @@ impl KafkaSink {
     ) -> Result<bool, BatchError> {
         use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT;
         let mut watch = OutageWatch::new(since);
-        let mut gave_up = false;
+        let (mut gave_up, mut purged_cleanly) = (false, false);
         loop {
             let err = unsafe { rdkafka_sys::rd_kafka_flush(self.producer.client().native_ptr(), 100) };
             if err != RD_KAFKA_RESP_ERR__TIMED_OUT {
                 // Done, or an error the delivery reports will name.
-                return Ok(gave_up);
+                return Ok(purged_cleanly);
             }
             if should_stop() {
                 return Err(BatchError::Interrupted);
@@ -509,6 +511,13 @@ impl KafkaSink {
                 None => {}
             }
             if may_give_up && !gave_up && watch.gives_up(now, lost_at) {
+                let failed_before = self
+                    .producer
+                    .context()
+                    .filed()
+                    .reports
+                    .iter()
+                    .any(|r| matches!(r, Some(Err(SendFailure::Unavailable(_)))));
                 // Each purged message is reported (ERR__PURGE_QUEUE or ERR__PURGE_INFLIGHT, both
                 // unavailable) on librdkafka's next poll; the flush goes on until they are. Not
                 // blocking: a broker thread busy elsewhere (a slow DNS lookup) must not stall the
@@ -518,6 +527,7 @@ impl KafkaSink {
                     | rdkafka_sys::RD_KAFKA_PURGE_F_NON_BLOCKING;
                 unsafe { rdkafka_sys::rd_kafka_purge(self.producer.client().native_ptr(), flags) };
                 gave_up = true;
+                purged_cleanly = !failed_before;
             }
         }
     }

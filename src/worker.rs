@@ -25,6 +25,9 @@ const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a cluster found down, one of several, may take to answer when it is tried again.
 const CLUSTER_PROBE: Duration = Duration::from_secs(1);
+/// How long an exiting worker waits at most for its producers to be destroyed (should
+/// librdkafka wedge): as long as a destroy on its own thread would have taken, otherwise.
+const RETIRE_AT_EXIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wake {
@@ -76,8 +79,12 @@ struct Worker {
     system_identifier: u64,
     /// One producer per Kafka cluster: the default one, and those of outbox.destinations.
     sinks: HashMap<SinkConfig, KafkaSink>,
-    /// With several clusters, those found down (with one, an outage holds the whole batch).
-    outages: ClusterOutages<SinkConfig>,
+    /// With several clusters, those found down, by bootstrap servers: a SIGHUP that changes the
+    /// properties every route inherits changes every `SinkConfig`, not which clusters are down.
+    /// (With one cluster, an outage holds the whole batch.)
+    outages: ClusterOutages<String>,
+    /// Threads destroying producers (`retire`), joined before the worker exits.
+    retiring: Vec<std::thread::JoinHandle<()>>,
     /// Errors of routes whose properties do not parse, as logged (once each).
     invalid_routes: HashSet<String>,
     state: WorkerState,
@@ -175,18 +182,22 @@ impl Worker {
             .iter()
             .filter_map(|(topic, d)| {
                 let bootstrap = d.bootstrap_servers.as_deref()?;
-                Some((topic.as_str(), guc::sink_config_for(bootstrap, d.kafka_properties.as_deref())))
+                let cluster = guc::sink_config_for(bootstrap, d.kafka_properties.as_deref())
+                    .map_err(|e| format!("the route of topic \"{topic}\": {e}"));
+                Some((topic.as_str(), cluster))
             })
             .collect();
         let in_use =
             |config: &SinkConfig| *config == default_config || routes.values().any(|r| r.as_ref() == Ok(config));
-        for (_, sink) in self.sinks.extract_if(|config, _| !in_use(config)) {
-            retire(sink);
-        }
+        let unused: Vec<KafkaSink> = self.sinks.extract_if(|config, _| !in_use(config)).map(|(_, sink)| sink).collect();
+        unused.into_iter().for_each(|sink| self.retire(sink));
         let several = routes.values().any(|r| r.as_ref() != Ok(&default_config));
         let outages = self.outages.len();
         match several {
-            true => self.outages.retain(|config| in_use(config)),
+            true => self.outages.retain(|bootstrap| {
+                default_config.bootstrap_servers == *bootstrap
+                    || routes.values().any(|r| r.as_ref().is_ok_and(|c| c.bootstrap_servers == *bootstrap))
+            }),
             false => self.outages = ClusterOutages::default(),
         }
         if self.outages.len() < outages {
@@ -247,7 +258,7 @@ impl Worker {
         };
         // The clusters that are up first: a cluster found down is probed, and its probe must not
         // delay what the others can take.
-        groups.sort_by_key(|g| g.0.as_ref().is_ok_and(|config| self.outages.is_down(config)));
+        groups.sort_by_key(|g| g.0.as_ref().is_ok_and(|config| self.outages.is_down(&config.bootstrap_servers)));
         let mut in_flight = Vec::new();
         for (route, indexes, routed) in groups {
             let config = match route {
@@ -260,7 +271,7 @@ impl Worker {
                     continue;
                 }
             };
-            if let Some((outage, _)) = self.outages.waiting(&config, Instant::now()) {
+            if let Some((outage, _)) = self.outages.waiting(&config.bootstrap_servers, Instant::now()) {
                 defer(&mut reports, &indexes, &outage.error, outage.retry_at);
                 continue;
             }
@@ -274,7 +285,7 @@ impl Worker {
             };
             // A cluster found down is asked for metadata first, briefly: a try of one still down
             // then holds the other clusters back for no longer than that.
-            let ready = match self.outages.is_down(&config) {
+            let ready = match self.outages.is_down(&config.bootstrap_servers) {
                 true => sink.probe(&routed[0].topic, CLUSTER_PROBE).map_err(BatchError::Unavailable),
                 false => Ok(()),
             };
@@ -291,10 +302,19 @@ impl Worker {
                 Err(interrupted) => return Err(interrupted),
             }
         }
-        for (config, indexes, mut sink, batch) in in_flight {
+        let mut in_flight = in_flight.into_iter();
+        while let Some((config, indexes, mut sink, batch)) = in_flight.next() {
             let mut outage = None;
-            let (group_reports, purged_cleanly) =
-                sink.wait_batch(batch, &stop_or_drop_requested, true, &mut |reason| outage = Some(reason.to_string()))?;
+            let waited =
+                sink.wait_batch(batch, &stop_or_drop_requested, true, &mut |reason| outage = Some(reason.to_string()));
+            let (group_reports, purged_cleanly) = match waited {
+                Ok(waited) => waited,
+                Err(interrupted) => {
+                    self.retire(sink);
+                    in_flight.for_each(|(_, _, sink, _)| self.retire(sink));
+                    return Err(interrupted);
+                }
+            };
             let unavailable = group_reports.iter().find_map(|r| match r {
                 Err(SendFailure::Unavailable(e)) => Some(e.clone()),
                 _ => None,
@@ -302,7 +322,8 @@ impl Worker {
             let Some(error) = outage.filter(|_| unavailable.is_some()).or(unavailable) else {
                 // A fatal error is not a recovery: the whole batch goes again (see `cycle`).
                 let fatal = group_reports.iter().any(|r| matches!(r, Err(SendFailure::Fatal(_))));
-                if let Some(down) = self.outages.recovered(&config, Instant::now()).filter(|_| !fatal) {
+                if let Some(down) = self.outages.recovered(&config.bootstrap_servers, Instant::now()).filter(|_| !fatal)
+                {
                     log!(
                         "pg_outbox: Kafka cluster {} is reachable again after {:.1} s",
                         config.bootstrap_servers,
@@ -331,12 +352,46 @@ impl Worker {
             // The next try starts over with a new idempotent producer (as `cycle` does with one
             // cluster after messages timed out "possibly persisted"), made now so that it is
             // connecting while the cluster's messages wait.
-            retire(sink);
+            self.retire(sink);
             if let Ok(fresh) = KafkaSink::new(config.clone()) {
                 self.sinks.insert(config, fresh);
             }
         }
         Ok(reports.into_iter().map(|r| r.unwrap_or_else(|| Err(SendFailure::Unavailable("not sent".into())))).collect())
+    }
+
+    /// Destroys a producer on a thread of its own: librdkafka's destroy waits for its broker
+    /// threads, which a cluster that is down can hold up (in a connect or a DNS lookup), and the
+    /// worker must stay responsive to SIGTERM and DROP DATABASE. The thread touches nothing of
+    /// Postgres.
+    fn retire(&mut self, sink: KafkaSink) {
+        self.retiring.retain(|t| !t.is_finished());
+        // The thread starts with every signal blocked (it inherits the mask), as librdkafka's
+        // own threads do: Postgres's handlers are for the worker's thread. Without a thread,
+        // the closure, and the producer with it, is dropped here.
+        unsafe { pg_sys::BackgroundWorkerBlockSignals() };
+        let thread = std::thread::Builder::new().name("pg_outbox retire".into()).spawn(move || drop(sink));
+        unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+        if let Ok(thread) = thread {
+            self.retiring.push(thread);
+        }
+    }
+
+    /// Every producer, to be made again on next use.
+    fn retire_all(&mut self) {
+        let sinks: Vec<KafkaSink> = self.sinks.drain().map(|(_, sink)| sink).collect();
+        sinks.into_iter().for_each(|sink| self.retire(sink));
+    }
+
+    /// Before the worker exits: every producer is destroyed, and the worker waits for it. The
+    /// process must not exit while a destroy is under way on another thread: `exit` runs
+    /// OpenSSL's cleanup beneath it.
+    fn retire_before_exit(&mut self) {
+        self.retire_all();
+        let deadline = Instant::now() + RETIRE_AT_EXIT;
+        while self.retiring.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// A route's properties do not parse: said once per distinct error (`invalid_routes`).
@@ -359,14 +414,14 @@ impl Worker {
     /// (its end, by `send_routed`).
     fn cluster_failed(&mut self, config: &SinkConfig, error: &str) -> (Instant, String) {
         let now = Instant::now();
-        if !self.outages.is_down(config) {
+        if !self.outages.is_down(&config.bootstrap_servers) {
             log!(
                 "pg_outbox: Kafka cluster {} is unavailable, its messages wait while the other clusters' go on: {error}",
                 config.bootstrap_servers
             );
         }
         let error = format!("Kafka cluster {}: {error}", config.bootstrap_servers);
-        let wait = self.outages.failed(config, &error, now, &guc::retry_backoff());
+        let wait = self.outages.failed(&config.bootstrap_servers, &error, now, &guc::retry_backoff());
         shmem::update(self.slot, |s| {
             s.broker = BrokerState::Unavailable;
             s.set_last_error(&error);
@@ -503,7 +558,7 @@ impl Worker {
         let outcome = BatchOutcome::from_reports(reports);
         if let Some(fatal) = &outcome.fatal {
             log!("pg_outbox: the Kafka producer failed ({fatal}); recreating it and resending unacknowledged messages");
-            self.sinks.clear();
+            self.retire_all();
             shmem::update(self.slot, |s| s.set_last_error(fatal));
             keep_backlog_window(&settlement.window, backlog_starts_after);
             return Next::Continue;
@@ -515,7 +570,7 @@ impl Worker {
             // a new producer (a new idempotent producer id): the batch is resent from the table
             // in order, so no key is reordered, and a wedged producer cannot stall delivery.
             if e.contains("timed out") || self.reconnect_failures >= 3 {
-                self.sinks.clear();
+                self.retire_all();
             }
             return Next::Sleep(self.reconnect_delay());
         }
@@ -603,14 +658,6 @@ fn renamed_for(m: &OutboundMessage, destinations: &HashMap<String, Destination>)
         routed.topic = topic;
     }
     routed
-}
-
-/// Destroys a producer on a thread of its own: librdkafka's destroy waits for its broker threads,
-/// which a cluster that is down can hold up (in a connect or a DNS lookup), and the worker must
-/// stay responsive to SIGTERM and DROP DATABASE. The thread touches nothing of Postgres.
-fn retire(sink: KafkaSink) {
-    // If no thread can be started, the closure (and the producer) is dropped here instead.
-    let _ = std::thread::Builder::new().name("pg_outbox retire".into()).spawn(move || drop(sink));
 }
 
 /// A batch that starts a new backlog window did not get through: records where the window
@@ -757,6 +804,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         sinks: HashMap::new(),
         outages: ClusterOutages::default(),
         invalid_routes: HashSet::new(),
+        retiring: Vec::new(),
         state: WorkerState::Starting,
         broker: BrokerState::Unknown,
         unavailable_since: None,
@@ -797,6 +845,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
             }
         }
     }
+    worker.retire_before_exit();
     shmem::update(slot, |s| s.exited_cleanly = true);
     log!("pg_outbox: worker for database \"{database}\" stopped");
 }

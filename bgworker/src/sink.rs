@@ -138,6 +138,9 @@ struct Filed {
     /// out, so without this an operator would read "timed out" where librdkafka knew the reason.
     /// With when it was heard: see `Filed::cause`.
     cause: Option<(String, Instant)>,
+    /// Whether a message of the batch in flight was reported unavailable for another reason than
+    /// a purge (a message timeout): see `KafkaSink::wait_batch`.
+    failed_unpurged: bool,
 }
 
 impl Filed {
@@ -170,6 +173,11 @@ impl Reports {
     }
 
     fn file(&self, opaque: usize, report: Result<(), SendFailure>) {
+        self.file_as(opaque, report, false);
+    }
+
+    /// Files a report; `purged`: its message was purged (`KafkaSink::flush`).
+    fn file_as(&self, opaque: usize, report: Result<(), SendFailure>, purged: bool) {
         let mut filed = self.filed();
         if report.is_ok() {
             filed.brokers_down = None;
@@ -177,6 +185,7 @@ impl Reports {
         }
         let (batch, position) = ((opaque >> POSITION_BITS) as u32, opaque & ((1 << POSITION_BITS) - 1));
         if batch == filed.batch {
+            filed.failed_unpurged |= !purged && matches!(report, Err(SendFailure::Unavailable(_)));
             if let Some(slot) = filed.reports.get_mut(position) {
                 *slot = Some(report);
             }
@@ -200,7 +209,13 @@ impl ProducerContext for Reports {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        self.file(opaque, result.as_ref().map(|_| ()).map_err(|(err, _message)| SendFailure::from_kafka(err)));
+        let purged = result
+            .as_ref()
+            .err()
+            .and_then(|(err, _)| err.rdkafka_error_code())
+            .is_some_and(|code| matches!(code, RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight));
+        let report = result.as_ref().map(|_| ()).map_err(|(err, _message)| SendFailure::from_kafka(err));
+        self.file_as(opaque, report, purged);
     }
 }
 
@@ -391,6 +406,7 @@ impl KafkaSink {
             filed.batch = filed.batch.wrapping_add(1);
             filed.reports.clear();
             filed.reports.resize(messages.len(), None);
+            filed.failed_unpurged = false;
             filed.batch
         };
         let mut topic: Option<(&str, *mut rdkafka_sys::rd_kafka_topic_t)> = None;
@@ -422,8 +438,8 @@ impl KafkaSink {
     /// what librdkafka still holds of it is purged and reported unavailable, and the producer
     /// must not be used again (a purged message may still have been written, and its sequence
     /// numbers are lost). Returns the reports, and whether the batch was given up with none of
-    /// its messages failed before: then, within each partition, what was acknowledged came
-    /// before what was purged.
+    /// its messages failed but by the purge: then, within each partition, what was acknowledged
+    /// came before what was purged.
     pub fn wait_batch(
         &mut self,
         in_flight: InFlight,
@@ -431,7 +447,7 @@ impl KafkaSink {
         may_give_up: bool,
         outage: &mut dyn FnMut(&str),
     ) -> Result<(Vec<Result<(), SendFailure>>, bool), BatchError> {
-        let purged_cleanly = self.flush(in_flight.since, should_stop, may_give_up, outage)?;
+        let gave_up = self.flush(in_flight.since, should_stop, may_give_up, outage)?;
         // A message counts as in librdkafka's queue until its report has been filed, so after
         // the flush every report is here; the loop only guards against a report still on its way.
         loop {
@@ -440,7 +456,7 @@ impl KafkaSink {
                 if filed.batch == in_flight.batch && filed.reports.iter().all(Option::is_some) {
                     let mut reports = Vec::with_capacity(in_flight.messages);
                     reports.extend(std::mem::take(&mut filed.reports).into_iter().take(in_flight.messages).flatten());
-                    return Ok((reports, purged_cleanly));
+                    return Ok((reports, gave_up && !filed.failed_unpurged));
                 }
             }
             if should_stop() {
@@ -472,12 +488,12 @@ impl KafkaSink {
     ) -> Result<bool, BatchError> {
         use rdkafka_sys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT;
         let mut watch = OutageWatch::new(since);
-        let (mut gave_up, mut purged_cleanly) = (false, false);
+        let mut gave_up = false;
         loop {
             let err = unsafe { rdkafka_sys::rd_kafka_flush(self.producer.client().native_ptr(), 100) };
             if err != RD_KAFKA_RESP_ERR__TIMED_OUT {
                 // Done, or an error the delivery reports will name.
-                return Ok(purged_cleanly);
+                return Ok(gave_up);
             }
             if should_stop() {
                 return Err(BatchError::Interrupted);
@@ -511,13 +527,6 @@ impl KafkaSink {
                 None => {}
             }
             if may_give_up && !gave_up && watch.gives_up(now, lost_at) {
-                let failed_before = self
-                    .producer
-                    .context()
-                    .filed()
-                    .reports
-                    .iter()
-                    .any(|r| matches!(r, Some(Err(SendFailure::Unavailable(_)))));
                 // Each purged message is reported (ERR__PURGE_QUEUE or ERR__PURGE_INFLIGHT, both
                 // unavailable) on librdkafka's next poll; the flush goes on until they are. Not
                 // blocking: a broker thread busy elsewhere (a slow DNS lookup) must not stall the
@@ -527,7 +536,6 @@ impl KafkaSink {
                     | rdkafka_sys::RD_KAFKA_PURGE_F_NON_BLOCKING;
                 unsafe { rdkafka_sys::rd_kafka_purge(self.producer.client().native_ptr(), flags) };
                 gave_up = true;
-                purged_cleanly = !failed_before;
             }
         }
     }
@@ -694,6 +702,20 @@ mod tests {
         assert_eq!(reports.filed().cause(now), None, "a broker that acknowledged is reachable again");
         assert_eq!(with_cause("every broker is down", None), "every broker is down");
         assert_eq!(with_cause("failed: Connection refused", Some("Connection refused")), "failed: Connection refused");
+    }
+
+    #[test]
+    fn a_batch_remembers_a_failure_that_no_purge_caused() {
+        let reports = Reports::default();
+        reports.filed().reports = vec![None; 3];
+        reports.file(opaque(0, 0), Ok(()));
+        reports.file_as(opaque(0, 1), Err(SendFailure::Unavailable("purged".into())), true);
+        assert!(!reports.filed().failed_unpurged, "acknowledged, then purged");
+        reports.file(opaque(0, 2), Err(SendFailure::Unavailable("timed out".into())));
+        assert!(reports.filed().failed_unpurged);
+        reports.filed().failed_unpurged = false;
+        reports.file(opaque(1, 0), Err(SendFailure::Unavailable("another batch's report".into())));
+        assert!(!reports.filed().failed_unpurged, "a report of another batch is dropped");
     }
 
     #[test]

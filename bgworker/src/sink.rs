@@ -515,16 +515,13 @@ impl KafkaSink {
                 };
             }
             let now = Instant::now();
-            match watch.check(now, reports, lost_at) {
-                Some(Outage::BrokersLost) => {
-                    let what = lost.map_or("every broker is down".to_string(), |(why, _)| why);
-                    outage(&with_cause(&what, cause.as_deref()));
-                }
-                Some(Outage::Silent(quiet)) => {
-                    let what = format!("no acknowledgement from Kafka for {} s", quiet.as_secs());
-                    outage(&with_cause(&what, cause.as_deref()));
-                }
-                None => {}
+            let what = match watch.check(now, reports, lost_at) {
+                Some(Outage::BrokersLost) => Some(lost.map_or("every broker is down".to_string(), |(why, _)| why)),
+                Some(Outage::Silent(quiet)) => Some(format!("no acknowledgement from Kafka for {} s", quiet.as_secs())),
+                None => None,
+            };
+            if let Some(what) = what {
+                outage(&with_cause(&what, cause.as_deref()));
             }
             if may_give_up && !gave_up && watch.gives_up(now, lost_at) {
                 // Each purged message is reported (ERR__PURGE_QUEUE or ERR__PURGE_INFLIGHT, both

@@ -6,6 +6,7 @@ use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgSqlErrorCode};
 
+use pg_outbox_bgworker::check_properties;
 use pg_outbox_bgworker::message::validate_topic;
 
 use crate::{guc, shmem};
@@ -133,6 +134,40 @@ fn wait_for_delivery(message_id: i64, timeout: Interval) -> bool {
     };
     unsafe { pg_sys::ConditionVariableCancelSleep() };
     delivered
+}
+
+/// The CHECK of `outbox.destinations`: refuses a route the worker could not follow, when it is
+/// written, instead of holding its topic's messages back later. Values are never repeated (they
+/// may be credentials).
+#[pg_extern(name = "_check_destination", immutable, parallel_safe)]
+fn check_destination(
+    topic: Option<&str>,
+    kafka_topic: Option<&str>,
+    bootstrap_servers: Option<&str>,
+    kafka_properties: Option<&str>,
+) -> bool {
+    let topic = topic.unwrap_or_default();
+    let refuse = |problem: String| -> ! {
+        invalid(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("route of topic \"{topic}\": {problem}"))
+    };
+    if let Err(e) = validate_topic(topic) {
+        refuse(e);
+    }
+    if let Some(Err(e)) = kafka_topic.map(validate_topic) {
+        refuse(format!("kafka_topic is invalid: {e}"));
+    }
+    if bootstrap_servers.is_some_and(|b| b.trim().is_empty()) {
+        refuse("bootstrap_servers is empty: name the cluster's brokers (host:port,...), or set it to NULL for the default cluster".into());
+    }
+    if let Some(properties) = kafka_properties {
+        if bootstrap_servers.is_none() {
+            refuse("kafka_properties apply to the route's own cluster, but bootstrap_servers is NULL (the default cluster's properties are pg_outbox.kafka_properties)".into());
+        }
+        if let Err(e) = check_properties(properties) {
+            refuse(format!("invalid kafka_properties: {e}"));
+        }
+    }
+    true
 }
 
 /// Fault injection (tests, `make reliability`): the worker of this database gets a fatal

@@ -126,15 +126,21 @@ fn on_state_row<'c>(
 }
 
 /// The version of the extension's SQL objects this library works with.
-pub const SQL_VERSION: &str = "0.6.0";
+pub const SQL_VERSION: &str = "0.7.0";
+
+/// The versions whose objects the worker uses as it does SQL_VERSION's (0.7.0 only added a CHECK
+/// on outbox.destinations): it forwards from them without waiting for ALTER EXTENSION UPDATE.
+pub const WORKER_SQL_VERSIONS: [&str; 2] = ["0.6.0", SQL_VERSION];
 
 /// The versions whose tables `enqueue_message` writes as it does at SQL_VERSION (a delayed
 /// message through the version's own `_store_message`): between the install of this library and
-/// ALTER EXTENSION UPDATE from one of them, enqueueing goes on (the worker waits for the update).
-pub const ENQUEUE_SQL_VERSIONS: [&str; 3] = ["0.4.0", "0.5.0", SQL_VERSION];
+/// ALTER EXTENSION UPDATE from one of them, enqueueing goes on (the worker waits for the update
+/// from those it does not use).
+pub const ENQUEUE_SQL_VERSIONS: [&str; 4] = ["0.4.0", "0.5.0", "0.6.0", SQL_VERSION];
 
 thread_local! {
-    /// The extension's OID last seen, and when its SQL objects were last found at SQL_VERSION.
+    /// The extension's OID last seen, and when its SQL objects were last found at a version of
+    /// WORKER_SQL_VERSIONS.
     /// A lookup costs two catalog reads (the OID by index, the version by SPI), which were a
     /// twelfth of the worker's main thread per cycle under load (docs/BENCHMARKS.profile.md,
     /// round 13); what was found is trusted until Postgres invalidates any relation (DROP
@@ -189,15 +195,15 @@ fn lock_extension(oid: pg_sys::Oid) {
     }
 }
 
-/// The installed version of the extension's SQL objects if it is not the one this library works
-/// with. Only after extension_installed() said yes in this transaction.
+/// The installed version of the extension's SQL objects if it is not one this library's worker
+/// works with. Only after extension_installed() said yes in this transaction.
 fn extension_outdated(client: &SpiClient) -> SpiResult<Option<String>> {
     let (oid, current_since) = EXTENSION.with(|e| e.get());
     if current_since.is_some() {
         return Ok(None);
     }
     let version = extension_version(client)?;
-    if version != SQL_VERSION {
+    if !WORKER_SQL_VERSIONS.contains(&version.as_str()) {
         return Ok(Some(version));
     }
     EXTENSION.with(|e| e.set((oid, Some(std::time::Instant::now()))));

@@ -19,5 +19,5 @@ pub use plan::{cut_held_runs, held_lines_to_read, plan_batch, HeldLine, Plan};
 pub use policy::{
     flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, Rebootstrap, SendFailure,
 };
-pub use sink::{parse_properties, BatchError, KafkaSink, SinkConfig};
+pub use sink::{check_properties, parse_properties, BatchError, KafkaSink, SinkConfig};
 pub use text_forms::SnapshotBounds;

@@ -10,7 +10,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka_sys::{rd_kafka_vtype_t as vtype, rd_kafka_vu_s__bindgen_ty_1 as VuValue, rd_kafka_vu_t};
+use rdkafka_sys::{
+    rd_kafka_conf_res_t as RDKafkaConfRes, rd_kafka_vtype_t as vtype, rd_kafka_vu_s__bindgen_ty_1 as VuValue,
+    rd_kafka_vu_t,
+};
 
 use crate::message::{MessageIds, MESSAGE_ID_HEADER};
 use crate::{Outage, OutageWatch, OutboundMessage, Rebootstrap, SendFailure};
@@ -56,6 +59,16 @@ pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// Checks `key=value` properties as librdkafka will take them: the format, each name, and each
+/// value that librdkafka checks on its own. Combinations (`acks=1` with idempotence, say) are
+/// refused only when a producer is created. `plugin.library.paths` is not tried here: librdkafka
+/// loads the plugins as soon as it is set.
+pub fn check_properties(text: &str) -> Result<(), String> {
+    let config: ClientConfig =
+        parse_properties(text)?.into_iter().filter(|(k, _)| k != "plugin.library.paths").collect();
+    config.create_native_config().map(drop).map_err(|e| without_values(&e))
+}
+
 impl SinkConfig {
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
@@ -79,9 +92,21 @@ impl SinkConfig {
 /// this text ends up in the server log and in outbox.worker_status.
 fn without_values(err: &KafkaError) -> String {
     match err {
+        KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, _, key, _) => {
+            format!("\"{key}\" is not a librdkafka property")
+        }
         KafkaError::ClientConfig(_, description, key, value) => {
-            let description =
-                if value.is_empty() { description.clone() } else { description.replace(value.as_str(), "***") };
+            let mut description = description.trim_end().to_string();
+            if !value.is_empty() {
+                description = description.replace(value.as_str(), "***");
+            }
+            // A number may be printed as librdkafka parsed it ("1e9" as "1e+09").
+            if let Some((before, after)) = description.split_once(" value ") {
+                if !after.starts_with(['*', '"']) && !after.starts_with("for ") {
+                    let rest = after.split_once(' ').map_or("", |(_, rest)| rest);
+                    description = format!("{before} value *** {rest}");
+                }
+            }
             format!("invalid value for property \"{key}\": {description}")
         }
         other => other.to_string(),
@@ -620,6 +645,25 @@ mod tests {
         );
         assert!(parse_properties("").unwrap().is_empty());
         assert!(parse_properties("linger.ms").is_err());
+    }
+
+    #[test]
+    fn properties_are_checked_as_librdkafka_takes_them_without_repeating_a_value() {
+        assert_eq!(check_properties("linger.ms=5; compression.type=lz4; sasl.password=s3cret"), Ok(()));
+        assert_eq!(check_properties(""), Ok(()));
+        assert_eq!(check_properties("lingerms=5"), Err("\"lingerms\" is not a librdkafka property".to_string()));
+        let refused = check_properties("compression.type=s3cret").unwrap_err();
+        assert!(refused.contains("\"compression.type\"") && !refused.contains("s3cret"), "{refused}");
+        let refused = check_properties("message.timeout.ms=-5").unwrap_err();
+        assert!(refused.contains("\"message.timeout.ms\"") && !refused.contains("-5") && !refused.ends_with('\n'));
+        let refused = check_properties("linger.ms=1e9").unwrap_err();
+        assert!(
+            refused.contains("\"linger.ms\"") && refused.contains("allowed range") && !refused.contains("e+09"),
+            "{refused}"
+        );
+        assert!(check_properties("linger.ms").unwrap_err().contains("key=value"));
+        // Valid alone; librdkafka refuses it with idempotence only when the producer is created.
+        assert_eq!(check_properties("acks=1"), Ok(()));
     }
 
     #[test]

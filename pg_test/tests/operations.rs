@@ -389,6 +389,154 @@ fn with_routes_that_only_rename_topics_an_outage_keeps_the_batch_in_place_as_wit
 }
 
 #[test]
+fn a_route_the_worker_could_not_follow_is_refused_when_written_naming_what_is_wrong_but_no_value() {
+    let (c, kafka) = kafka_cluster("");
+    let mut db = c.client();
+    let topic = unique("checked");
+    let insert = "INSERT INTO outbox.destinations (topic, kafka_topic, bootstrap_servers, kafka_properties)
+                  VALUES ($1, $2, $3, $4)";
+    let refused = |db: &mut postgres::Client, route: [Option<&str>; 3]| {
+        let err = db.execute(insert, &[&topic, &route[0], &route[1], &route[2]]).expect_err("refused");
+        assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
+        let message = err.as_db_error().unwrap().message().to_string();
+        assert!(message.starts_with(&format!("route of topic \"{topic}\": ")), "{message}");
+        message
+    };
+    let message = refused(&mut db, [None, Some(&kafka), Some("lingerms=5")]);
+    assert!(message.contains("\"lingerms\" is not a librdkafka property"), "{message}");
+    let message = refused(&mut db, [None, Some(&kafka), Some("sasl.password=x; compression.type=s3cret")]);
+    assert!(message.contains("\"compression.type\"") && !message.contains("s3cret"), "{message}");
+    let message = refused(&mut db, [None, Some(&kafka), Some("linger.ms")]);
+    assert!(message.contains("key=value"), "{message}");
+    // Properties without a cluster of their own used to be ignored.
+    let message = refused(&mut db, [Some("elsewhere"), None, Some("linger.ms=5")]);
+    assert!(message.contains("bootstrap_servers is NULL"), "{message}");
+    let message = refused(&mut db, [None, Some(" "), None]);
+    assert!(message.contains("bootstrap_servers is empty"), "{message}");
+    let message = refused(&mut db, [Some("orders created"), None, None]);
+    assert!(message.contains("kafka_topic is invalid"), "{message}");
+
+    // A valid route is kept, and updating it into one the worker could not follow is refused.
+    db.execute(insert, &[&topic, &None::<&str>, &Some(kafka.as_str()), &Some("linger.ms=5; sasl.password=s3cret")])
+        .unwrap();
+    let err = db
+        .execute("UPDATE outbox.destinations SET kafka_properties = 'acks=most' WHERE topic = $1", &[&topic])
+        .unwrap_err();
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
+    let kept: String =
+        db.query_one("SELECT kafka_properties FROM outbox.destinations WHERE topic = $1", &[&topic]).unwrap().get(0);
+    assert_eq!(kept, "linger.ms=5; sasl.password=s3cret");
+}
+
+#[test]
+fn a_route_whose_producer_librdkafka_refuses_holds_back_only_its_topic_and_says_why() {
+    let conf = "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '1s'";
+    let (c, kafka) = kafka_cluster(conf);
+    let (local, refused) = (unique("local"), unique("refused-route"));
+    let mut db = c.client();
+    // Each property is valid on its own; librdkafka refuses acks=1 beside the idempotence the
+    // worker asks for only when the producer is created.
+    db.execute(
+        "INSERT INTO outbox.destinations (topic, bootstrap_servers, kafka_properties) VALUES ($1, '127.0.0.1:9', 'acks=1')",
+        &[&refused],
+    )
+    .unwrap();
+    let [local_id, refused_id] = enqueue_pair(&mut db, [local.as_str(), refused.as_str()], "k", 1);
+    assert!(delivery_time(&mut db, local_id, "20 seconds").is_some(), "the other topic's message is delivered");
+    wait_for("the refused route's message to wait, saying why", WAIT, || {
+        let sql = "SELECT last_error FROM outbox.held_messages WHERE id = $1 AND attempts = 0";
+        db.query_opt(sql, &[&refused_id])
+            .unwrap()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .is_some_and(|e| e.contains("127.0.0.1:9") && e.contains("acks"))
+    });
+    let last_error: Option<String> = db.query_one("SELECT last_error FROM outbox.worker_status", &[]).unwrap().get(0);
+    assert!(last_error.is_some_and(|e| e.contains("acks")));
+    // Fixed: it goes where the route now says.
+    db.execute(
+        "UPDATE outbox.destinations SET bootstrap_servers = $2, kafka_properties = NULL WHERE topic = $1",
+        &[&refused, &kafka],
+    )
+    .unwrap();
+    assert!(delivery_time(&mut db, refused_id, "30 seconds").is_some(), "delivered once the route is fixed");
+    assert_eq!(payloads(&read_topic(&kafka, &refused, 1, WAIT)), vec!["1"]);
+}
+
+#[test]
+fn pg_dump_keeps_routes_and_paused_topics_but_not_the_messages() {
+    let (c, kafka) = kafka_cluster("");
+    let (routed, paused) = (unique("routed"), unique("paused"));
+    let mut db = c.client();
+    db.execute(
+        "INSERT INTO outbox.destinations (topic, kafka_topic, bootstrap_servers, kafka_properties)
+         VALUES ($1, 'orders-v2', $2, 'linger.ms=5')",
+        &[&routed, &kafka],
+    )
+    .unwrap();
+    db.execute("SELECT outbox.pause_topic($1)", &[&paused]).unwrap();
+    // Resumed: not kept.
+    db.batch_execute("SELECT outbox.pause_topic('resumed'); SELECT outbox.resume_topic('resumed')").unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&paused]).unwrap();
+    db.batch_execute("CREATE DATABASE restored").unwrap();
+    let bin = "/usr/lib/postgresql/15/bin";
+    let dump = std::process::Command::new(format!("{bin}/pg_dump"))
+        .args(["-h", "127.0.0.1", "-p", &c.port.to_string(), "-U", "postgres", "-Fc", &c.database])
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
+    let mut restore = std::process::Command::new(format!("{bin}/pg_restore"))
+        .args(["-h", "127.0.0.1", "-p", &c.port.to_string(), "-U", "postgres", "--exit-on-error", "-d", "restored"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut restore.stdin.take().unwrap(), &dump.stdout).unwrap();
+    let restored = restore.wait_with_output().unwrap();
+    assert!(restored.status.success(), "pg_restore: {}", String::from_utf8_lossy(&restored.stderr));
+
+    let mut copy = c.client_for("restored");
+    let route = copy
+        .query_one("SELECT topic, kafka_topic, bootstrap_servers, kafka_properties FROM outbox.destinations", &[])
+        .unwrap();
+    let route: (String, String, String, String) = (route.get(0), route.get(1), route.get(2), route.get(3));
+    assert_eq!(route, (routed, "orders-v2".to_string(), kafka, "linger.ms=5".to_string()));
+    let paused_topics: Vec<String> =
+        copy.query("SELECT topic FROM outbox.topics WHERE paused", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(paused_topics, vec![paused]);
+    assert_eq!(copy.query_one("SELECT count(*) FROM outbox.topics", &[]).unwrap().get::<_, i64>(0), 1);
+    let messages: i64 = copy
+        .query_one("SELECT (SELECT count(*) FROM outbox.messages) + (SELECT count(*) FROM outbox.held_messages)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(messages, 0);
+}
+
+#[test]
+fn the_worker_forwards_from_0_6_0_objects_and_the_update_keeps_a_route_written_before_it() {
+    let (c, bootstrap) = cluster_at_version("0.6.0");
+    let mut db = c.client();
+    let topic = unique("from-0-6-0");
+    // Refused from 0.7.0 on (properties without a cluster of their own are ignored).
+    db.execute(
+        "INSERT INTO outbox.destinations (topic, kafka_properties, kafka_topic) VALUES ('old', 'x=y', 'old')",
+        &[],
+    )
+    .unwrap();
+    db.execute("SELECT outbox.enqueue_message($1, '\"before\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 1, WAIT)), vec!["\"before\""]);
+    assert!(!c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
+    let version: String =
+        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
+    assert_eq!(version, "0.7.0");
+    assert_eq!(db.query_one("SELECT count(*) FROM outbox.destinations", &[]).unwrap().get::<_, i64>(0), 1);
+    let err = db.execute("UPDATE outbox.destinations SET kafka_topic = 'old-v2'", &[]).unwrap_err();
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
+    db.execute("SELECT outbox.enqueue_message($1, '\"after\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"before\"", "\"after\""]);
+}
+
+#[test]
 fn each_database_has_its_own_worker_and_row_in_worker_status() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     let c = Cluster::start_with_databases(&bootstrap, "", &["shop", "billing"]);
@@ -554,7 +702,7 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.6.0");
+    assert_eq!(version, "0.7.0");
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
         &[&topic],

@@ -1,8 +1,9 @@
 //! Settings (`pg_outbox.*`). The worker re-reads them on SIGHUP (`SELECT pg_reload_conf()`).
-use std::ffi::CString;
+use std::ffi::{c_char, c_void, CStr, CString};
 
-use pg_outbox_bgworker::{parse_properties, Backoff, SinkConfig};
+use pg_outbox_bgworker::{check_properties, parse_properties, Backoff, SinkConfig};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_guard, pg_sys};
 
 pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static BOOTSTRAP_SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
@@ -37,14 +38,20 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"pg_outbox.kafka_properties",
-        c"Extra librdkafka producer properties, key=value separated by ';'.",
-        c"Overrides pg_outbox's defaults (acks=all, enable.idempotence=true, ...). May hold secrets such as sasl.password, so only superusers can see it.",
-        &KAFKA_PROPERTIES,
-        GucContext::Sighup,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
+    // SAFETY: the hook is guarded (#[pg_guard]) and catches nothing of its own.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_outbox.kafka_properties",
+            c"Extra librdkafka producer properties, key=value separated by ';'.",
+            c"Overrides pg_outbox's defaults (acks=all, enable.idempotence=true, ...). May hold secrets such as sasl.password, so only superusers can see it.",
+            &KAFKA_PROPERTIES,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            Some(check_kafka_properties),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"pg_outbox.max_message_bytes",
         c"Largest payload enqueue_message accepts.",
@@ -163,6 +170,35 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+}
+
+/// Refuses properties librdkafka would refuse, as Postgres refuses any bad setting: ALTER SYSTEM
+/// fails (22023) and a reload logs it and keeps the value before. The message names the property,
+/// never a value (they may be credentials). A bad value read at server start is let through:
+/// refused there, the setting would fall back to no properties at all, and the worker would
+/// connect without the TLS or SASL settings meant for it; instead it refuses the value and says
+/// why (worker_status.last_error, the log).
+#[pg_guard]
+unsafe extern "C-unwind" fn check_kafka_properties(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } || newval.is_null() {
+        return true;
+    }
+    let value = match unsafe { *newval } {
+        value if value.is_null() => return true,
+        value => unsafe { CStr::from_ptr(value) }.to_string_lossy(),
+    };
+    match check_properties(&value) {
+        Ok(()) => true,
+        Err(e) => {
+            let message = CString::new(format!("invalid pg_outbox.kafka_properties: {e}")).unwrap_or_default();
+            unsafe { pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(message.as_ptr()) };
+            false
+        }
+    }
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {

@@ -463,7 +463,7 @@ fn a_route_whose_producer_librdkafka_refuses_holds_back_only_its_topic_and_says_
 }
 
 #[test]
-fn pg_dump_keeps_routes_and_paused_topics_but_not_the_messages() {
+fn pg_dump_keeps_routes_paused_topics_and_where_ids_are_but_not_the_messages() {
     let (c, kafka) = kafka_cluster("");
     let (routed, paused) = (unique("routed"), unique("paused"));
     let mut db = c.client();
@@ -477,6 +477,7 @@ fn pg_dump_keeps_routes_and_paused_topics_but_not_the_messages() {
     // Resumed: not kept.
     db.batch_execute("SELECT outbox.pause_topic('resumed'); SELECT outbox.resume_topic('resumed')").unwrap();
     db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&paused]).unwrap();
+    let last_id: i64 = db.query_one("SELECT outbox.enqueue_message('elsewhere', '2'::jsonb)", &[]).unwrap().get(0);
     db.batch_execute("CREATE DATABASE restored").unwrap();
     let bin = "/usr/lib/postgresql/15/bin";
     let dump = std::process::Command::new(format!("{bin}/pg_dump"))
@@ -509,10 +510,13 @@ fn pg_dump_keeps_routes_and_paused_topics_but_not_the_messages() {
         .unwrap()
         .get(0);
     assert_eq!(messages, 0);
+    // Ids go on from where they were, not from 1 again.
+    let next_id: i64 = copy.query_one("SELECT outbox.enqueue_message('elsewhere', '3'::jsonb)", &[]).unwrap().get(0);
+    assert!(next_id > last_id, "{next_id} after {last_id}");
 }
 
 #[test]
-fn the_worker_forwards_from_0_6_0_objects_and_the_update_keeps_a_route_written_before_it() {
+fn the_worker_forwards_from_0_6_0_objects_and_the_update_stops_at_a_route_written_before_that_it_refuses() {
     let (c, bootstrap) = cluster_at_version("0.6.0");
     let mut db = c.client();
     let topic = unique("from-0-6-0");
@@ -522,18 +526,29 @@ fn the_worker_forwards_from_0_6_0_objects_and_the_update_keeps_a_route_written_b
         &[],
     )
     .unwrap();
-    db.execute("SELECT outbox.enqueue_message($1, '\"before\"'::jsonb, key => 'k')", &[&topic]).unwrap();
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 1, WAIT)), vec!["\"before\""]);
+    db.execute("SELECT outbox.enqueue_message($1, '\"plain\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    db.execute(
+        "SELECT outbox.enqueue_message($1, '\"delayed\"'::jsonb, key => 'k', deliver_after => '1 second')",
+        &[&topic],
+    )
+    .unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"plain\"", "\"delayed\""]);
     assert!(!c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
+
+    let version = |db: &mut postgres::Client| -> String {
+        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0)
+    };
+    let err = db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap_err();
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
+    assert!(err.as_db_error().unwrap().message().starts_with("route of topic \"old\": kafka_properties"), "{err}");
+    assert_eq!(version(&mut db), "0.6.0");
+    db.execute("UPDATE outbox.destinations SET kafka_properties = NULL", &[]).unwrap();
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
-    let version: String =
-        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.7.0");
-    assert_eq!(db.query_one("SELECT count(*) FROM outbox.destinations", &[]).unwrap().get::<_, i64>(0), 1);
-    let err = db.execute("UPDATE outbox.destinations SET kafka_topic = 'old-v2'", &[]).unwrap_err();
+    assert_eq!(version(&mut db), "0.7.0");
+    let err = db.execute("UPDATE outbox.destinations SET kafka_properties = 'x=y'", &[]).unwrap_err();
     assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
     db.execute("SELECT outbox.enqueue_message($1, '\"after\"'::jsonb, key => 'k')", &[&topic]).unwrap();
-    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"before\"", "\"after\""]);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT))[2], "\"after\"");
 }
 
 #[test]
@@ -650,6 +665,53 @@ fn settings_are_visible_and_changed_without_restarting_the_worker() {
     let err = ops.batch_execute("SHOW pg_outbox.kafka_properties").unwrap_err();
     assert_eq!(pg_outbox_tests::sqlstate(&err), "42501");
     assert_eq!(ops.query("SELECT * FROM outbox.settings", &[]).unwrap().len(), 14);
+}
+
+fn show_kafka_properties(db: &mut postgres::Client) -> String {
+    db.query_one("SHOW pg_outbox.kafka_properties", &[]).unwrap().get(0)
+}
+
+#[test]
+fn kafka_properties_librdkafka_refuses_are_refused_by_alter_system_and_a_reload_keeps_the_value_before() {
+    let (c, bootstrap) = kafka_cluster("");
+    let mut db = c.client();
+    let err = db
+        .batch_execute("ALTER SYSTEM SET pg_outbox.kafka_properties = 'sasl.password=s3cret; lingerms=5'")
+        .unwrap_err();
+    assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
+    let message = err.as_db_error().unwrap().message().to_string();
+    assert_eq!(message, "invalid pg_outbox.kafka_properties: \"lingerms\" is not a librdkafka property");
+
+    c.reconfigure("pg_outbox.kafka_properties = 'linger.ms=5'");
+    wait_for("the valid value", WAIT, || show_kafka_properties(&mut db) == "linger.ms=5");
+    // A value the reload refuses is logged, without the value, and the one before stays.
+    c.reconfigure("pg_outbox.kafka_properties = 'compression.type=zzsecret'");
+    wait_for("the reload to refuse the value", WAIT, || {
+        c.log().contains("invalid pg_outbox.kafka_properties: invalid value for property \"compression.type\"")
+    });
+    assert!(!c.log().contains("zzsecret"));
+    assert_eq!(show_kafka_properties(&mut db), "linger.ms=5");
+    let topic = unique("kept-properties");
+    db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1, "the worker goes on with the value before");
+}
+
+#[test]
+fn kafka_properties_wrong_when_the_server_starts_hold_every_message_and_say_why_until_fixed() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    // Not dropped for no properties at all (which could mean no TLS or SASL): the worker refuses it.
+    let c = Cluster::start(&bootstrap, "pg_outbox.kafka_properties = 'lingerms=5'");
+    let mut db = c.client();
+    let topic = unique("held-by-properties");
+    db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap();
+    wait_for("worker_status to say why", WAIT, || {
+        let row = db.query_opt("SELECT last_error FROM outbox.worker_status", &[]).unwrap();
+        row.and_then(|r| r.get::<_, Option<String>>(0))
+            .is_some_and(|e| e.contains("\"lingerms\" is not a librdkafka property"))
+    });
+    assert!(read_topic(&bootstrap, &topic, 1, Duration::from_secs(2)).is_empty());
+    c.reconfigure("pg_outbox.kafka_properties = 'linger.ms=5'");
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1, "delivered once the setting is fixed");
 }
 
 #[test]

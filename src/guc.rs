@@ -177,14 +177,18 @@ pub fn init() {
 /// never a value (they may be credentials). A bad value read at server start is let through:
 /// refused there, the setting would fall back to no properties at all, and the worker would
 /// connect without the TLS or SASL settings meant for it; instead it refuses the value and says
-/// why (worker_status.last_error, the log).
+/// why (worker_status.last_error, the log). So is the value a parallel worker receives from its
+/// leader: that may be this bad value, and refusing it would fail every parallel query, with the
+/// whole value in the error's context.
 #[pg_guard]
 unsafe extern "C-unwind" fn check_kafka_properties(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } || newval.is_null() {
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress || pg_sys::InitializingParallelWorker }
+        || newval.is_null()
+    {
         return true;
     }
     let value = match unsafe { *newval } {

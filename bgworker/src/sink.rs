@@ -69,21 +69,44 @@ pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, String> {
 
 /// Checks `key=value` properties as librdkafka will take them, one by one and in order: the
 /// format, each name, and each value that librdkafka checks on its own. Combinations (`acks=1`
-/// with idempotence, say) are refused only when a producer is created. `plugin.library.paths` is
-/// not tried here, as librdkafka loads the plugins as soon as it is set; with it, names librdkafka
-/// does not know may be the plugins' own, so they are let through too.
+/// with idempotence, say) are refused only when a producer is created.
 pub fn check_properties(text: &str) -> Result<(), String> {
-    let properties = parse_properties(text)?;
-    let plugins = properties.iter().any(|(k, _)| k == "plugin.library.paths");
+    check_each(&parse_properties(text)?)
+}
+
+/// See `check_properties`. `plugin.library.paths` is not tried: librdkafka loads the plugins as
+/// soon as it is set. A plugin's own properties are refused as unknown: the producer's properties
+/// are set in no fixed order, so librdkafka may meet them before it has loaded the plugin.
+/// librdkafka's hidden test properties are refused: one replaces the brokers with an in-process
+/// mock (messages "delivered" nowhere), another makes a callback of a string (a crash).
+fn check_each(properties: &[(String, String)]) -> Result<(), String> {
+    let mut previous: Option<&str> = None;
     for (key, value) in properties.iter().filter(|(k, _)| k != "plugin.library.paths") {
+        if key.starts_with("ut_") || key.starts_with("test.mock.") {
+            return Err(format!("\"{key}\" is a librdkafka test property"));
+        }
         let one: ClientConfig = [(key.clone(), value.clone())].into_iter().collect();
         match one.create_native_config() {
             Ok(_) => {}
-            Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) if plugins => {}
+            Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => {
+                return Err(match previous {
+                    // The name may be the end of a secret that held a ';'.
+                    Some(previous) if is_secret(previous) => {
+                        format!("the property after \"{previous}\" is not a librdkafka property")
+                    }
+                    _ => format!("\"{key}\" is not a librdkafka property"),
+                });
+            }
             Err(e) => return Err(without_values(&e)),
         }
+        previous = Some(key);
     }
     Ok(())
+}
+
+/// Whether a property's value may be a secret (librdkafka's sensitive properties, by name).
+fn is_secret(key: &str) -> bool {
+    ["password", "secret", ".pem", "oauthbearer.config"].iter().any(|s| key.contains(s))
 }
 
 impl SinkConfig {
@@ -134,7 +157,7 @@ fn masked(description: &str, value: &str) -> String {
         }
     }
     if description.starts_with("Invalid value for ") {
-        if let Some((before, _)) = description.rsplit_once("\": ") {
+        if let Some((before, _)) = description.split_once("\": ") {
             return format!("{before}\": ***");
         }
     }
@@ -302,6 +325,8 @@ fn with_cause(what: &str, cause: Option<&str>) -> String {
 
 impl KafkaSink {
     pub fn new(config: SinkConfig) -> Result<KafkaSink, String> {
+        // In order, and without repeating what may be a secret, before librdkafka says it its way.
+        check_each(&config.properties).map_err(|e| format!("cannot create Kafka producer: {e}"))?;
         let client_config = config.client_config();
         let producer: ThreadedProducer<Reports> = client_config
             .create_with_context(Reports::default())
@@ -699,12 +724,30 @@ mod tests {
         }
         // Valid alone; librdkafka refuses it with idempotence only when the producer is created.
         assert_eq!(check_properties("acks=1"), Ok(()));
-        // A plugin's own properties are not known before it is loaded; librdkafka's still are.
         assert_eq!(
-            check_properties("plugin.library.paths=monitoring-interceptor; confluent.monitoring.interceptor.topic=m"),
-            Ok(())
+            check_properties("partitioner=se\": cret"),
+            Err("invalid value for property \"partitioner\": Invalid value for configuration property \"partitioner\": ***".into())
         );
-        assert!(check_properties("plugin.library.paths=p; linger.ms=x").is_err());
+        // The plugin is not loaded here (only by the worker); its own properties are refused.
+        assert_eq!(check_properties("plugin.library.paths=monitoring-interceptor; linger.ms=5"), Ok(()));
+        assert!(check_properties("plugin.library.paths=p; confluent.monitoring.interceptor.topic=m").is_err());
+    }
+
+    #[test]
+    fn librdkafkas_test_properties_are_refused() {
+        for property in ["test.mock.num.brokers=1", "ut_handle_ProduceResponse=x"] {
+            let name = property.split('=').next().unwrap();
+            assert_eq!(check_properties(property), Err(format!("\"{name}\" is a librdkafka test property")));
+        }
+    }
+
+    #[test]
+    fn an_unknown_name_after_a_secret_is_not_shown_it_may_be_the_secrets_end() {
+        assert_eq!(
+            check_properties("sasl.password=ab;cd=ef"),
+            Err("the property after \"sasl.password\" is not a librdkafka property".to_string())
+        );
+        assert_eq!(check_properties("linger.ms=5;cd=ef"), Err("\"cd\" is not a librdkafka property".to_string()));
     }
 
     #[test]

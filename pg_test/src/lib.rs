@@ -216,6 +216,11 @@ impl Drop for PrivateBroker {
     }
 }
 
+/// Where Postgres's programs are: `PG_BIN`, as for `scripts/pg.sh`, or Debian's PostgreSQL 15.
+pub fn pg_bin() -> String {
+    std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string())
+}
+
 /// A PostgreSQL 15 cluster with pg_outbox preloaded and the extension created in `database`.
 pub struct Cluster {
     pub dir: PathBuf,
@@ -282,7 +287,7 @@ impl Cluster {
         std::fs::create_dir_all(&standby.dir).expect("standby dir");
         run(Command::new("chown").arg("postgres:").arg(&standby.dir));
         run(Command::new("chmod").arg("700").arg(&standby.dir));
-        let bin = "/usr/lib/postgresql/15/bin";
+        let bin = pg_bin();
         let as_postgres = |cmd: String| {
             run(Command::new("su").args(["postgres", "-s", "/bin/bash", "-c", &cmd]));
         };

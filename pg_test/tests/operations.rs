@@ -479,7 +479,7 @@ fn pg_dump_keeps_routes_paused_topics_and_where_ids_are_but_not_the_messages() {
     db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&paused]).unwrap();
     let last_id: i64 = db.query_one("SELECT outbox.enqueue_message('elsewhere', '2'::jsonb)", &[]).unwrap().get(0);
     db.batch_execute("CREATE DATABASE restored").unwrap();
-    let bin = "/usr/lib/postgresql/15/bin";
+    let bin = pg_outbox_tests::pg_bin();
     let dump = std::process::Command::new(format!("{bin}/pg_dump"))
         .args(["-h", "127.0.0.1", "-p", &c.port.to_string(), "-U", "postgres", "-Fc", &c.database])
         .output()
@@ -676,7 +676,7 @@ fn kafka_properties_librdkafka_refuses_are_refused_by_alter_system_and_a_reload_
     let (c, bootstrap) = kafka_cluster("");
     let mut db = c.client();
     let err = db
-        .batch_execute("ALTER SYSTEM SET pg_outbox.kafka_properties = 'sasl.password=s3cret; lingerms=5'")
+        .batch_execute("ALTER SYSTEM SET pg_outbox.kafka_properties = 'lingerms=5; sasl.password=s3cret'")
         .unwrap_err();
     assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
     let message = err.as_db_error().unwrap().message().to_string();
@@ -700,7 +700,7 @@ fn kafka_properties_librdkafka_refuses_are_refused_by_alter_system_and_a_reload_
 fn kafka_properties_wrong_when_the_server_starts_hold_every_message_and_say_why_until_fixed() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
     // Not dropped for no properties at all (which could mean no TLS or SASL): the worker refuses it.
-    let c = Cluster::start(&bootstrap, "pg_outbox.kafka_properties = 'lingerms=5'");
+    let c = Cluster::start(&bootstrap, "pg_outbox.kafka_properties = 'lingerms=5; sasl.password=zzsecret'");
     let mut db = c.client();
     let topic = unique("held-by-properties");
     db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap();
@@ -710,6 +710,22 @@ fn kafka_properties_wrong_when_the_server_starts_hold_every_message_and_say_why_
             .is_some_and(|e| e.contains("\"lingerms\" is not a librdkafka property"))
     });
     assert!(read_topic(&bootstrap, &topic, 1, Duration::from_secs(2)).is_empty());
+
+    // A parallel worker takes the setting from its leader as it is: any role's parallel query works.
+    db.batch_execute("CREATE TABLE numbers AS SELECT generate_series(1, 1000) n; CREATE ROLE analyst LOGIN; GRANT SELECT ON numbers TO analyst")
+        .unwrap();
+    let mut analyst =
+        postgres::Client::connect(&c.dsn("shop").replace("user=postgres", "user=analyst"), postgres::NoTls).unwrap();
+    analyst.batch_execute("SET force_parallel_mode = on").unwrap();
+    let plan: Vec<String> = analyst
+        .query("EXPLAIN (ANALYZE, COSTS OFF) SELECT sum(n) FROM numbers", &[])
+        .expect("a parallel query")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|l| l.contains("Workers Launched: 1")), "{plan:?}");
+    assert!(!c.log().contains("zzsecret"), "the secret reached the server log");
+
     c.reconfigure("pg_outbox.kafka_properties = 'linger.ms=5'");
     assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1, "delivered once the setting is fixed");
 }

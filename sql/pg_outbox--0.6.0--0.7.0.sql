@@ -20,8 +20,9 @@ ALTER TABLE outbox.destinations ADD CONSTRAINT destinations_route_check
     CHECK (outbox._check_destination(topic, kafka_topic, bootstrap_servers, kafka_properties));
 
 -- pg_dump keeps what was configured: the routes, the paused topics (with their counters), and
--- where message ids are, so that a restore over the same database does not give out ids its
--- consumers have already seen. Not the messages: a restored database starts with an empty outbox.
+-- where message ids were at the dump, so that a restore over the same database does not start
+-- them at 1 again (ids given out after the dump are given again). Not the messages: a restored
+-- database starts with an empty outbox.
 SELECT pg_catalog.pg_extension_config_dump('outbox.destinations', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.topics', 'WHERE paused');
 SELECT pg_catalog.pg_extension_config_dump('outbox.message_id_seq', '');

@@ -6,8 +6,8 @@ use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgSqlErrorCode};
 
-use pg_outbox_bgworker::check_properties;
 use pg_outbox_bgworker::message::validate_topic;
+use pg_outbox_bgworker::{check_properties, parse_properties};
 
 use crate::{guc, shmem};
 
@@ -148,6 +148,9 @@ fn check_destination(
 ) -> bool {
     let topic = topic.unwrap_or_default();
     let refuse = |problem: String| -> ! {
+        // No context lines: COPY's ("COPY destinations, line 3: ...") shows the row, credentials
+        // and all. The handler that catches the error puts the stack back.
+        unsafe { pg_sys::error_context_stack = std::ptr::null_mut() };
         invalid(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("route of topic \"{topic}\": {problem}"))
     };
     if let Err(e) = validate_topic(topic) {
@@ -165,6 +168,15 @@ fn check_destination(
         }
         if let Err(e) = check_properties(properties) {
             refuse(format!("invalid kafka_properties: {e}"));
+        }
+        // The worker would load or run what these name. A route is a row a superuser may let
+        // other roles write; loading code stays with the superuser-only setting.
+        let loads_code = ["plugin.library.paths", "ssl.engine.location", "ssl.providers", "sasl.kerberos.kinit.cmd"];
+        let properties = parse_properties(properties).unwrap_or_default();
+        if let Some((key, _)) = properties.iter().find(|(k, _)| loads_code.contains(&k.as_str())) {
+            refuse(format!(
+                "\"{key}\" makes the worker load or run code: it may be set only in pg_outbox.kafka_properties"
+            ));
         }
     }
     true

@@ -9,6 +9,7 @@ mod direct;
 mod enqueue;
 mod guc;
 mod launcher;
+mod log_redaction;
 mod message_reader;
 mod message_writer;
 mod shmem;
@@ -20,6 +21,7 @@ mod worker;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
+    log_redaction::init();
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         launcher::register();

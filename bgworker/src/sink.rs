@@ -48,23 +48,18 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 ];
 
 /// Parses `key=value` pairs separated by `;` or newlines (the `pg_outbox.kafka_properties` format).
-/// A piece that is not a pair is named by its place, not shown: it may be the tail of a password
+/// A piece that is not a pair is named by its place, not shown: it may be a piece of a password
 /// that held a `;`.
 pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut properties: Vec<(String, String)> = Vec::new();
-    for piece in text.split([';', '\n']).map(str::trim).filter(|p| !p.is_empty()) {
-        match piece.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => properties.push((k.trim().to_string(), v.trim().to_string())),
-            _ => {
-                let place = match properties.last() {
-                    Some((previous, _)) => format!("after \"{previous}\""),
-                    None => "first".to_string(),
-                };
-                return Err(format!("the property {place} is not of the form key=value"));
-            }
-        }
-    }
-    Ok(properties)
+    text.split([';', '\n'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .enumerate()
+        .map(|(i, piece)| match piece.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!("property {} is not of the form key=value", i + 1)),
+        })
+        .collect()
 }
 
 /// Checks `key=value` properties as librdkafka will take them, one by one and in order: the
@@ -80,34 +75,44 @@ pub fn check_properties(text: &str) -> Result<(), String> {
 /// librdkafka's hidden test properties are refused: one replaces the brokers with an in-process
 /// mock (messages "delivered" nowhere), another makes a callback of a string (a crash).
 fn check_each(properties: &[(String, String)]) -> Result<(), String> {
-    let mut previous: Option<&str> = None;
-    for (key, value) in properties.iter().filter(|(k, _)| k != "plugin.library.paths") {
+    let mut after_secret = false;
+    for (i, (key, value)) in properties.iter().enumerate() {
+        // A name that follows a secret may be a piece of it (a password that held a ';').
+        let name = if after_secret { format!("property {}", i + 1) } else { format!("\"{key}\"") };
+        after_secret = SECRETS.contains(&key.as_str());
+        if key == "plugin.library.paths" {
+            continue;
+        }
         if key.starts_with("ut_") || key.starts_with("test.mock.") {
-            return Err(format!("\"{key}\" is a librdkafka test property"));
+            return Err(format!("{name} is a librdkafka test property"));
         }
         let one: ClientConfig = [(key.clone(), value.clone())].into_iter().collect();
         match one.create_native_config() {
             Ok(_) => {}
             Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => {
-                return Err(match previous {
-                    // The name may be the end of a secret that held a ';'.
-                    Some(previous) if is_secret(previous) => {
-                        format!("the property after \"{previous}\" is not a librdkafka property")
-                    }
-                    _ => format!("\"{key}\" is not a librdkafka property"),
-                });
+                return Err(format!("{name} is not a librdkafka property"));
             }
             Err(e) => return Err(without_values(&e)),
         }
-        previous = Some(key);
     }
     Ok(())
 }
 
-/// Whether a property's value may be a secret (librdkafka's sensitive properties, by name).
-fn is_secret(key: &str) -> bool {
-    ["password", "secret", ".pem", "oauthbearer.config"].iter().any(|s| key.contains(s))
-}
+/// librdkafka's sensitive properties (`_RK_SENSITIVE` in rdkafka_conf.c).
+const SECRETS: &[&str] = &[
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+    "sasl.password",
+    "sasl.username",
+    "ssl.ca.pem",
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+];
 
 impl SinkConfig {
     fn client_config(&self) -> ClientConfig {
@@ -745,17 +750,25 @@ mod tests {
     fn an_unknown_name_after_a_secret_is_not_shown_it_may_be_the_secrets_end() {
         assert_eq!(
             check_properties("sasl.password=ab;cd=ef"),
-            Err("the property after \"sasl.password\" is not a librdkafka property".to_string())
+            Err("property 2 is not a librdkafka property".to_string())
+        );
+        assert_eq!(
+            check_properties("linger.ms=5; sasl.password=Xq;Zr7=Lm"),
+            Err("property 3 is not a librdkafka property".to_string())
+        );
+        assert_eq!(
+            check_properties("sasl.password=a;ut_b=c"),
+            Err("property 2 is a librdkafka test property".to_string())
         );
         assert_eq!(check_properties("linger.ms=5;cd=ef"), Err("\"cd\" is not a librdkafka property".to_string()));
     }
 
     #[test]
     fn a_piece_that_is_not_a_pair_is_named_by_its_place_not_shown() {
-        assert_eq!(parse_properties("s3cret"), Err("the property first is not of the form key=value".to_string()));
+        assert_eq!(parse_properties("s3cret"), Err("property 1 is not of the form key=value".to_string()));
         assert_eq!(
-            parse_properties("linger.ms=5; sasl.password=ab;cd"),
-            Err("the property after \"sasl.password\" is not of the form key=value".to_string())
+            parse_properties("linger.ms=5; sasl.password=Xq;Zr7=Lm;Tw"),
+            Err("property 4 is not of the form key=value".to_string())
         );
     }
 
@@ -853,16 +866,17 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_property_fails_at_creation_with_librdkafkas_reason() {
+    fn properties_librdkafka_refuses_only_together_fail_at_creation_with_librdkafkas_reason() {
         let err = KafkaSink::new(SinkConfig {
             bootstrap_servers: "127.0.0.1:1".into(),
-            properties: vec![("no.such.property".into(), "1".into())],
+            // Valid alone; not beside the idempotence the worker asks for.
+            properties: vec![("acks".into(), "1".into())],
             create_topics: false,
             topic_partitions: 1,
             topic_replication_factor: -1,
         })
         .err()
-        .expect("librdkafka rejects unknown properties");
-        assert!(err.contains("no.such.property"), "{err}");
+        .expect("librdkafka refuses acks=1 with idempotence");
+        assert!(err.starts_with("cannot create Kafka producer: ") && err.contains("acks"), "{err}");
     }
 }

@@ -173,6 +173,51 @@ fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
         .collect();
     assert!(visible.iter().all(|v| !v.contains(secret)), "{visible:?}");
     assert!(!c.log().contains(secret), "the secret reached the server log");
+
+    // Nor where Postgres itself would log it: a reload's "changed to", the statements that
+    // log_statement logs, the statement logged beside an error in it, COPY's context line.
+    let secrets = ["r3load-Passw0rd", "r0ute-Passw0rd", "b4d-r0ute-Passw0rd", "c0py-Passw0rd", "alt3r-Passw0rd"];
+    c.reconfigure(&format!("log_statement = 'all'\npg_outbox.kafka_properties = 'sasl.password={}'", secrets[0]));
+    pg_outbox_tests::wait_for("the reload to be logged", Duration::from_secs(30), || {
+        c.log().contains("parameter \"pg_outbox.kafka_properties\" changed (the value is not logged")
+    });
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO outbox.destinations VALUES ('routed', NULL, '127.0.0.1:9', 'sasl.password={}')",
+            secrets[1]
+        ))
+        .unwrap();
+    let err = admin
+        .batch_execute(&format!(
+            "INSERT INTO outbox.destinations VALUES ('refused', NULL, '127.0.0.1:9', 'lingerms=1;sasl.password={}')",
+            secrets[2]
+        ))
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22023");
+    let mut copy = admin.copy_in("COPY outbox.destinations FROM STDIN").unwrap();
+    std::io::Write::write_all(
+        &mut copy,
+        format!("copied\t\\N\th:1\tlingerms=1;sasl.password={}\n", secrets[3]).as_bytes(),
+    )
+    .unwrap();
+    let err = copy.finish().unwrap_err();
+    assert_eq!(sqlstate(&err), "22023");
+    assert!(!format!("{err:?}").contains(secrets[3]), "{err:?}");
+    let err = admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET pg_outbox.kafka_properties = 'lingerms=1;sasl.password={}'",
+            secrets[4]
+        ))
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22023");
+    admin.batch_execute("SELECT 'flushed'").unwrap();
+    pg_outbox_tests::wait_for("the last statement to be logged", Duration::from_secs(10), || {
+        c.log().contains("SELECT 'flushed'")
+    });
+    let log = c.log();
+    for secret in secrets {
+        assert!(!log.contains(secret), "{secret} reached the server log");
+    }
 }
 
 #[test]

@@ -415,6 +415,8 @@ fn a_route_the_worker_could_not_follow_is_refused_when_written_naming_what_is_wr
     assert!(message.contains("bootstrap_servers is empty"), "{message}");
     let message = refused(&mut db, [Some("orders created"), None, None]);
     assert!(message.contains("kafka_topic is invalid"), "{message}");
+    let message = refused(&mut db, [None, Some(&kafka), Some("plugin.library.paths=/tmp/evil.so")]);
+    assert!(message.contains("\"plugin.library.paths\" makes the worker load or run code"), "{message}");
 
     // A valid route is kept, and updating it into one the worker could not follow is refused.
     db.execute(insert, &[&topic, &None::<&str>, &Some(kafka.as_str()), &Some("linger.ms=5; sasl.password=s3cret")])

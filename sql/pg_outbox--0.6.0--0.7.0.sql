@@ -16,6 +16,10 @@ CREATE FUNCTION outbox._check_destination(topic text, kafka_topic text, bootstra
 -- EXECUTE on it too.
 REVOKE ALL ON FUNCTION outbox._check_destination(text, text, text, text) FROM PUBLIC;
 
+-- The check takes over the rule of the unnamed CHECK of 0.2.0 (a route renames the topic or
+-- names a cluster, or both): that one, failing, showed the row ("Failing row contains"),
+-- kafka_properties and all, in the error and the server log.
+ALTER TABLE outbox.destinations DROP CONSTRAINT destinations_check;
 ALTER TABLE outbox.destinations ADD CONSTRAINT destinations_route_check
     CHECK (outbox._check_destination(topic, kafka_topic, bootstrap_servers, kafka_properties));
 

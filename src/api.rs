@@ -156,6 +156,9 @@ fn check_destination(
     if let Err(e) = validate_topic(topic) {
         refuse(e);
     }
+    if kafka_topic.is_none() && bootstrap_servers.is_none() {
+        refuse("a route names a kafka_topic, a bootstrap_servers, or both".into());
+    }
     if let Some(Err(e)) = kafka_topic.map(validate_topic) {
         refuse(format!("kafka_topic is invalid: {e}"));
     }

@@ -1,8 +1,11 @@
 //! Keeps librdkafka properties, which may hold broker credentials, out of the server log where
-//! Postgres itself would write them: a reload logs a changed setting's new value whole, and a
-//! statement is logged beside an error in it (`log_min_error_statement`) or by `log_statement`.
-//! Our own messages never repeat a value; these are Postgres's.
-use std::ffi::CStr;
+//! Postgres itself would write them: a reload logs a changed setting's new value whole; a
+//! statement is logged by `log_statement` and `log_min_duration_statement` (with its parameters)
+//! and beside an error in it (`log_min_error_statement`); and an error about a row of the routes'
+//! table quotes the row ("Failing row contains", COPY's context line). Our own messages never
+//! repeat a value; these are Postgres's. What is matched is the statement's text: a statement
+//! that writes a route without naming it (through a function of your own) is not recognised.
+use std::ffi::{c_char, CStr};
 
 use pgrx::{pg_guard, pg_sys};
 
@@ -15,33 +18,14 @@ pub fn init() {
     }
 }
 
-/// What a statement must mention, in any case, to be kept out of the log: the setting's name and
-/// the column's, or the routes' table (an INSERT need not name its columns).
-const MENTIONS: [&[u8]; 2] = [b"kafka_properties", b"destinations"];
+const SETTING_CHANGED: &CStr = c"parameter \"pg_outbox.kafka_properties\" changed (its value is not logged)";
+const STATEMENT_HIDDEN: &CStr =
+    c"statement not logged: it mentions kafka_properties or destinations, which may hold credentials";
 
 #[pg_guard]
 unsafe extern "C-unwind" fn redact(edata: *mut pg_sys::ErrorData) {
     if let Some(edata) = unsafe { edata.as_mut() } {
-        if !edata.hide_stmt && unsafe { mentions(pg_sys::debug_query_string) } {
-            edata.hide_stmt = true;
-        }
-        let id = unsafe { text(edata.message_id) };
-        let replacement: Option<&CStr> = match id {
-            b"parameter \"%s\" changed to \"%s\"" if unsafe { starts_with(edata.message, b"parameter \"pg_outbox.kafka_properties\"") } => {
-                Some(c"parameter \"pg_outbox.kafka_properties\" changed (the value is not logged: it may hold credentials)")
-            }
-            // log_statement and log_min_duration_statement.
-            _ if (id.starts_with(b"statement: ") || id.starts_with(b"execute ") || id.starts_with(b"duration: "))
-                && unsafe { mentions(edata.message) } =>
-            {
-                Some(c"statement not logged: it mentions kafka_properties or outbox.destinations, which may hold credentials")
-            }
-            _ => None,
-        };
-        if let Some(replacement) = replacement {
-            // In the error's own memory context (EmitErrorReport switches to it).
-            edata.message = unsafe { pg_sys::pstrdup(replacement.as_ptr()) };
-        }
+        unsafe { redact_error(edata) };
     }
     if let Some(previous) = unsafe { PREVIOUS_HOOK } {
         unsafe { previous(edata) };
@@ -49,8 +33,57 @@ unsafe extern "C-unwind" fn redact(edata: *mut pg_sys::ErrorData) {
 }
 
 /// # Safety
+/// `edata` is the error being emitted.
+unsafe fn redact_error(edata: &mut pg_sys::ErrorData) {
+    let (id, message) = unsafe { (text(edata.message_id), text(edata.message)) };
+    let statement_mentions = unsafe { mentions(pg_sys::debug_query_string) };
+    if statement_mentions {
+        edata.hide_stmt = true;
+    }
+    // An error about a row of the routes' table: its detail and COPY's context quote the row.
+    if contains(message, b"\"destinations\"", false)
+        || contains(unsafe { text(edata.context) }, b"COPY destinations", false)
+    {
+        edata.detail = std::ptr::null_mut();
+        edata.detail_log = std::ptr::null_mut();
+        edata.context = std::ptr::null_mut();
+    }
+    let replacement = match id {
+        // Matched on the untranslated form; the name is spelled as in the file.
+        b"parameter \"%s\" changed to \"%s\"" if contains(message, b"pg_outbox.kafka_properties", true) => {
+            Some(SETTING_CHANGED)
+        }
+        // log_statement's lines (simple and extended protocol) and log_min_duration_statement's.
+        b"statement: %s" | b"%s %s%s%s: %s" => Some(STATEMENT_HIDDEN),
+        _ if id.starts_with(b"duration: ") => Some(STATEMENT_HIDDEN),
+        _ => None,
+    }
+    .filter(|r| {
+        *r == SETTING_CHANGED || statement_mentions || unsafe { mentions(edata.message) || mentions(edata.detail) }
+    });
+    if let Some(replacement) = replacement {
+        unsafe { replace_message(edata, replacement) };
+        // A statement's detail holds its parameters ("parameters: $1 = '...'") or what it
+        // prepared ("prepare: ...").
+        edata.detail = std::ptr::null_mut();
+        edata.detail_log = std::ptr::null_mut();
+    }
+}
+
+/// Writes `replacement` over the message when it fits (nothing to allocate while an error is
+/// being reported), else in a copy in the error's memory context (EmitErrorReport's current one).
+unsafe fn replace_message(edata: &mut pg_sys::ErrorData, replacement: &CStr) {
+    let bytes = replacement.to_bytes_with_nul();
+    if !edata.message.is_null() && unsafe { text(edata.message) }.len() >= bytes.len() - 1 {
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), edata.message.cast::<u8>(), bytes.len()) };
+    } else {
+        edata.message = unsafe { pg_sys::pstrdup(replacement.as_ptr()) };
+    }
+}
+
+/// # Safety
 /// `s` is NULL or a NUL-terminated string that outlives the result.
-unsafe fn text<'a>(s: *const std::ffi::c_char) -> &'a [u8] {
+unsafe fn text<'a>(s: *const c_char) -> &'a [u8] {
     if s.is_null() {
         &[]
     } else {
@@ -58,11 +91,18 @@ unsafe fn text<'a>(s: *const std::ffi::c_char) -> &'a [u8] {
     }
 }
 
-unsafe fn mentions(s: *const std::ffi::c_char) -> bool {
+/// Whether a statement (or a message quoting one) names the setting, the column or the table,
+/// as a word in any case (`shipping_destinations` is another table).
+unsafe fn mentions(s: *const c_char) -> bool {
     let text = unsafe { text(s) };
-    MENTIONS.iter().any(|m| text.windows(m.len()).any(|w| w.eq_ignore_ascii_case(m)))
+    [&b"kafka_properties"[..], b"destinations"].iter().any(|word| contains(text, word, true))
 }
 
-unsafe fn starts_with(s: *const std::ffi::c_char, prefix: &[u8]) -> bool {
-    unsafe { text(s) }.starts_with(prefix)
+fn contains(text: &[u8], word: &[u8], as_word: bool) -> bool {
+    let is_name = |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+    (0..text.len().saturating_sub(word.len() - 1)).any(|i| {
+        text[i..i + word.len()].eq_ignore_ascii_case(word)
+            && (!as_word
+                || (!is_name(i.checked_sub(1).and_then(|j| text.get(j))) && !is_name(text.get(i + word.len()))))
+    })
 }

@@ -176,16 +176,31 @@ fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
 
     // Nor where Postgres itself would log it: a reload's "changed to", the statements that
     // log_statement logs, the statement logged beside an error in it, COPY's context line.
-    let secrets = ["r3load-Passw0rd", "r0ute-Passw0rd", "b4d-r0ute-Passw0rd", "c0py-Passw0rd", "alt3r-Passw0rd"];
+    let secrets = [
+        "r3load-Passw0rd",
+        "r0ute-Passw0rd",
+        "b4d-r0ute-Passw0rd",
+        "c0py-Passw0rd",
+        "alt3r-Passw0rd",
+        "p4ram-Passw0rd",
+        "n0topic-Passw0rd",
+    ];
     c.reconfigure(&format!("log_statement = 'all'\npg_outbox.kafka_properties = 'sasl.password={}'", secrets[0]));
     pg_outbox_tests::wait_for("the reload to be logged", Duration::from_secs(30), || {
-        c.log().contains("parameter \"pg_outbox.kafka_properties\" changed (the value is not logged")
+        c.log().contains("parameter \"pg_outbox.kafka_properties\" changed (its value is not logged)")
     });
     admin
         .batch_execute(&format!(
             "INSERT INTO outbox.destinations VALUES ('routed', NULL, '127.0.0.1:9', 'sasl.password={}')",
             secrets[1]
         ))
+        .unwrap();
+    // As a parameter: log_statement logs it in the statement's detail.
+    admin
+        .execute(
+            "UPDATE outbox.destinations SET kafka_properties = $1 WHERE topic = 'routed'",
+            &[&format!("sasl.password={}", secrets[5])],
+        )
         .unwrap();
     let err = admin
         .batch_execute(&format!(
@@ -194,6 +209,15 @@ fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
         ))
         .unwrap_err();
     assert_eq!(sqlstate(&err), "22023");
+    // Postgres's own refusal of a row quotes it ("Failing row contains").
+    let err = admin
+        .batch_execute(&format!(
+            "INSERT INTO outbox.destinations VALUES (NULL, NULL, 'h:1', 'sasl.password={}')",
+            secrets[6]
+        ))
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23502");
+    assert!(!format!("{err:?}").contains(secrets[6]), "{err:?}");
     let mut copy = admin.copy_in("COPY outbox.destinations FROM STDIN").unwrap();
     std::io::Write::write_all(
         &mut copy,

@@ -411,6 +411,8 @@ fn a_route_the_worker_could_not_follow_is_refused_when_written_naming_what_is_wr
     // Properties without a cluster of their own used to be ignored.
     let message = refused(&mut db, [Some("elsewhere"), None, Some("linger.ms=5")]);
     assert!(message.contains("bootstrap_servers is NULL"), "{message}");
+    let message = refused(&mut db, [None, None, None]);
+    assert!(message.contains("a route names a kafka_topic, a bootstrap_servers, or both"), "{message}");
     let message = refused(&mut db, [None, Some(" "), None]);
     assert!(message.contains("bootstrap_servers is empty"), "{message}");
     let message = refused(&mut db, [Some("orders created"), None, None]);

@@ -19,7 +19,7 @@ REVOKE ALL ON FUNCTION outbox._check_destination(text, text, text, text) FROM PU
 -- The check takes over the rule of the unnamed CHECK of 0.2.0 (a route renames the topic or
 -- names a cluster, or both): that one, failing, showed the row ("Failing row contains"),
 -- kafka_properties and all, in the error and the server log.
-ALTER TABLE outbox.destinations DROP CONSTRAINT destinations_check;
+ALTER TABLE outbox.destinations DROP CONSTRAINT IF EXISTS destinations_check;
 ALTER TABLE outbox.destinations ADD CONSTRAINT destinations_route_check
     CHECK (outbox._check_destination(topic, kafka_topic, bootstrap_servers, kafka_properties));
 

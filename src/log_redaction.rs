@@ -7,7 +7,7 @@
 //! that writes a route without naming it (through a function of your own) is not recognised.
 use std::ffi::{c_char, CStr};
 
-use pgrx::{pg_guard, pg_sys};
+use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
 
 static mut PREVIOUS_HOOK: pg_sys::emit_log_hook_type = None;
 
@@ -37,24 +37,29 @@ unsafe extern "C-unwind" fn redact(edata: *mut pg_sys::ErrorData) {
 unsafe fn redact_error(edata: &mut pg_sys::ErrorData) {
     let (id, message) = unsafe { (text(edata.message_id), text(edata.message)) };
     let statement_mentions = unsafe { mentions(pg_sys::debug_query_string) };
-    if statement_mentions {
+    // An error about a row of the routes' table (Postgres's, found by the table it names, not by
+    // its translated text; or our own refusal of a route or of the setting): its detail ("Failing
+    // row contains"), context (COPY's line, a portal's parameters) and statement may quote it.
+    let about_routes = unsafe { text(edata.schema_name) } == b"outbox"
+        && unsafe { text(edata.table_name) } == b"destinations"
+        || edata.sqlerrcode == PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32
+            && (message.starts_with(b"route of topic \"")
+                || message.starts_with(b"invalid pg_outbox.kafka_properties: "));
+    if statement_mentions || about_routes {
         edata.hide_stmt = true;
-    }
-    // An error about a row of the routes' table: its detail and COPY's context quote the row.
-    if contains(message, b"\"destinations\"", false)
-        || contains(unsafe { text(edata.context) }, b"COPY destinations", false)
-    {
-        edata.detail = std::ptr::null_mut();
-        edata.detail_log = std::ptr::null_mut();
-        edata.context = std::ptr::null_mut();
+        for field in [&mut edata.detail, &mut edata.detail_log, &mut edata.context, &mut edata.internalquery] {
+            unsafe { clear(field) };
+        }
     }
     let replacement = match id {
         // Matched on the untranslated form; the name is spelled as in the file.
         b"parameter \"%s\" changed to \"%s\"" if contains(message, b"pg_outbox.kafka_properties", true) => {
             Some(SETTING_CHANGED)
         }
-        // log_statement's lines (simple and extended protocol) and log_min_duration_statement's.
+        // log_statement's lines (simple and extended protocol) and log_min_duration_statement's;
+        // log_duration's bare line names no statement.
         b"statement: %s" | b"%s %s%s%s: %s" => Some(STATEMENT_HIDDEN),
+        b"duration: %s ms" => None,
         _ if id.starts_with(b"duration: ") => Some(STATEMENT_HIDDEN),
         _ => None,
     }
@@ -65,8 +70,18 @@ unsafe fn redact_error(edata: &mut pg_sys::ErrorData) {
         unsafe { replace_message(edata, replacement) };
         // A statement's detail holds its parameters ("parameters: $1 = '...'") or what it
         // prepared ("prepare: ...").
-        edata.detail = std::ptr::null_mut();
-        edata.detail_log = std::ptr::null_mut();
+        unsafe {
+            clear(&mut edata.detail);
+            clear(&mut edata.detail_log);
+        }
+    }
+}
+
+/// Frees a field of the error (errfinish would) and leaves it out.
+unsafe fn clear(field: &mut *mut c_char) {
+    if !field.is_null() {
+        unsafe { pg_sys::pfree(field.cast()) };
+        *field = std::ptr::null_mut();
     }
 }
 
@@ -77,7 +92,9 @@ unsafe fn replace_message(edata: &mut pg_sys::ErrorData, replacement: &CStr) {
     if !edata.message.is_null() && unsafe { text(edata.message) }.len() >= bytes.len() - 1 {
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), edata.message.cast::<u8>(), bytes.len()) };
     } else {
-        edata.message = unsafe { pg_sys::pstrdup(replacement.as_ptr()) };
+        let copy = unsafe { pg_sys::pstrdup(replacement.as_ptr()) };
+        unsafe { clear(&mut edata.message) };
+        edata.message = copy;
     }
 }
 

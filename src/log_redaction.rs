@@ -37,6 +37,8 @@ unsafe extern "C-unwind" fn redact(edata: *mut pg_sys::ErrorData) {
 unsafe fn redact_error(edata: &mut pg_sys::ErrorData) {
     let (id, message) = unsafe { (text(edata.message_id), text(edata.message)) };
     let statement_mentions = unsafe { mentions(pg_sys::debug_query_string) };
+    // Before the detail is cleared: an EXECUTE's log_statement line has what it prepared there.
+    let detail_mentions = unsafe { mentions(edata.detail) };
     // An error about a row of the routes' table (Postgres's, found by the table it names, not by
     // its translated text; or our own refusal of a route or of the setting): its detail ("Failing
     // row contains"), context (COPY's line, a portal's parameters) and statement may quote it.
@@ -47,7 +49,14 @@ unsafe fn redact_error(edata: &mut pg_sys::ErrorData) {
                 || message.starts_with(b"invalid pg_outbox.kafka_properties: "));
     if statement_mentions || about_routes {
         edata.hide_stmt = true;
-        for field in [&mut edata.detail, &mut edata.detail_log, &mut edata.context, &mut edata.internalquery] {
+    }
+    // A prepared statement's text is not the EXECUTE's: what it set may be in its arguments.
+    if contains(unsafe { text(pg_sys::debug_query_string) }, b"execute", true) {
+        edata.hide_stmt = true;
+    }
+    for field in [&mut edata.detail, &mut edata.detail_log, &mut edata.context, &mut edata.internalquery] {
+        // A deadlock's detail quotes the other backends' statements, whatever this one is.
+        if statement_mentions || about_routes || unsafe { mentions(*field) } {
             unsafe { clear(field) };
         }
     }
@@ -63,9 +72,7 @@ unsafe fn redact_error(edata: &mut pg_sys::ErrorData) {
         _ if id.starts_with(b"duration: ") => Some(STATEMENT_HIDDEN),
         _ => None,
     }
-    .filter(|r| {
-        *r == SETTING_CHANGED || statement_mentions || unsafe { mentions(edata.message) || mentions(edata.detail) }
-    });
+    .filter(|r| *r == SETTING_CHANGED || statement_mentions || detail_mentions || unsafe { mentions(edata.message) });
     if let Some(replacement) = replacement {
         unsafe { replace_message(edata, replacement) };
         // A statement's detail holds its parameters ("parameters: $1 = '...'") or what it

@@ -186,6 +186,7 @@ fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
         "n0topic-Passw0rd",
         "c0lumns-Passw0rd",
         "pr3pared-Passw0rd",
+        "t1meout-Passw0rd",
     ];
     c.reconfigure(&format!("log_statement = 'all'\npg_outbox.kafka_properties = 'sasl.password={}'", secrets[0]));
     pg_outbox_tests::wait_for("the reload to be logged", Duration::from_secs(30), || {
@@ -249,6 +250,17 @@ fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
     let err =
         admin.batch_execute(&format!("EXECUTE add_route('lingerms=1;sasl.password={}')", secrets[8])).unwrap_err();
     assert_eq!(sqlstate(&err), "22023");
+    // Nor beside an error that is not about the route (a lock timeout) in a prepared statement
+    // that writes one.
+    let mut locker = c.client();
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE outbox.destinations IN ACCESS EXCLUSIVE MODE").unwrap();
+    let err = admin
+        .batch_execute(&format!("SET lock_timeout = '100ms'; EXECUTE add_route('sasl.password={}')", secrets[9]))
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "55P03");
+    lock.rollback().unwrap();
+    admin.batch_execute("RESET lock_timeout").unwrap();
     let err = admin
         .batch_execute(&format!(
             "ALTER SYSTEM SET pg_outbox.kafka_properties = 'lingerms=1;sasl.password={}'",

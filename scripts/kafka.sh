@@ -3,7 +3,8 @@
 #   scripts/kafka.sh start DIR PORT   (idempotent; storage persists in DIR across restarts)
 #   scripts/kafka.sh stop DIR
 # With KAFKA_TLS=1 the client listener speaks TLS (a self-signed certificate for 127.0.0.1 whose
-# PEM is written to DIR/ca.pem, for the clients' ssl.ca.location).
+# PEM is written to DIR/ca.pem, for the clients' ssl.ca.location). With KAFKA_ADVERTISED_PORT the
+# broker tells clients to connect to that port instead (a proxy in front of it); kept across restarts.
 set -euo pipefail
 cmd=$1 dir=$2
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,6 +21,8 @@ start)
   fi
   [ -d "$libs" ] || { echo "Kafka jars missing in $libs: run scripts/deps.sh kafka" >&2; exit 1; }
   mkdir -p "$dir/data"
+  [ -n "${KAFKA_ADVERTISED_PORT:-}" ] && echo "$KAFKA_ADVERTISED_PORT" > "$dir/advertised-port"
+  advertised_port=$(cat "$dir/advertised-port" 2>/dev/null || echo "$port")
   proto=PLAINTEXT
   if [ "${KAFKA_TLS:-0}" = 1 ] || [ -f "$dir/broker.p12" ]; then
     proto=SSL
@@ -35,7 +38,7 @@ start)
 process.roles=broker,controller
 node.id=1
 listeners=$proto://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=$proto://127.0.0.1:$port
+advertised.listeners=$proto://127.0.0.1:$advertised_port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=$proto
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SSL:SSL,CONTROLLER:PLAINTEXT
@@ -63,7 +66,12 @@ Configuration:
     Console: { name: STDOUT, PatternLayout: { pattern: "[%d] %p %m (%c)%n" } }
   Loggers:
     Root: { level: WARN, AppenderRef: [ { ref: STDOUT } ] }
-    Logger: [ { name: kafka.server.KafkaRaftServer, level: INFO } ]
+    # The controller's fencing and unfencing of the broker (a pause longer than its session
+    # timeout fences it): what a test that froze the broker needs to explain itself.
+    Logger:
+      - { name: kafka.server.KafkaRaftServer, level: INFO }
+      - { name: org.apache.kafka.controller.ReplicationControlManager, level: INFO }
+      - { name: org.apache.kafka.controller.BrokerHeartbeatManager, level: INFO }
 CONF
   # The JVM options of Kafka's own kafka-server-start.sh and kafka-run-class.sh (1 GB heap, G1
   # with a 20 ms pause goal, a GC log). With a 768 MB heap and G1's default 200 ms goal, young

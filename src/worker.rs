@@ -149,6 +149,20 @@ impl Worker {
         self.show_broker_state();
     }
 
+    /// A batch the cluster did not take waits in the table and goes again after the backoff.
+    /// After messages timed out "possibly persisted" (`timed_out`), or when failures go on, it
+    /// goes through a new producer (a new idempotent producer id): the batch is resent from the
+    /// table in order, so no key is reordered. A producer that cannot even learn a topic's
+    /// metadata is replaced too: one that a fenced lone broker told of no broker at all knows
+    /// none to ask, and librdkafka would wait minutes before it starts over by itself.
+    fn wait_for_broker(&mut self, error: &str, timed_out: bool) -> Next {
+        self.broker_unavailable(error);
+        if timed_out || self.reconnect_failures >= 3 {
+            self.retire_all();
+        }
+        Next::Sleep(self.reconnect_delay())
+    }
+
     /// Backoff before talking to an unavailable broker again.
     fn reconnect_delay(&self) -> Duration {
         guc::retry_backoff().after_failures(self.reconnect_failures.max(1))
@@ -550,8 +564,7 @@ impl Worker {
                 }
                 Err(BatchError::Unavailable(e)) => {
                     keep_backlog_window(&settlement.window, backlog_starts_after);
-                    self.broker_unavailable(&e);
-                    return Next::Sleep(self.reconnect_delay());
+                    return self.wait_for_broker(&e, false);
                 }
             }
         };
@@ -565,14 +578,7 @@ impl Worker {
         }
         if let Some(e) = &outcome.unavailable {
             keep_backlog_window(&settlement.window, backlog_starts_after);
-            self.broker_unavailable(e);
-            // After messages timed out "possibly persisted", or when failures go on, start over with
-            // a new producer (a new idempotent producer id): the batch is resent from the table
-            // in order, so no key is reordered, and a wedged producer cannot stall delivery.
-            if e.contains("timed out") || self.reconnect_failures >= 3 {
-                self.retire_all();
-            }
-            return Next::Sleep(self.reconnect_delay());
+            return self.wait_for_broker(e, e.contains("timed out"));
         }
         // Only a batch that went to the broker says it is reachable (one of held messages only,
         // or of clusters that are down, did not ask it).

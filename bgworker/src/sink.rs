@@ -402,7 +402,7 @@ impl KafkaSink {
                 .iter()
                 .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
             if !exists && self.config.create_topics {
-                self.create_topic(&topic)?;
+                self.create_topic(&topic, should_stop)?;
             }
             let name = CString::new(topic.as_str())
                 .map_err(|_| BatchError::Unavailable(format!("topic name \"{topic}\" contains a NUL byte")))?;
@@ -457,14 +457,35 @@ impl KafkaSink {
         with_cause(what, self.producer.context().filed().cause(Instant::now()))
     }
 
-    fn create_topic(&self, topic: &str) -> Result<(), BatchError> {
+    /// Creates `topic`, waiting for the answer in slices of a second, up to 5 s in all, so that
+    /// `should_stop` is heard meanwhile. Left to itself, the admin client waits for an answer as
+    /// long as `socket.timeout.ms` (60 s) on a connection that went silent (a firewall that
+    /// forgot it), and the worker would not hear a SIGTERM or a DROP DATABASE for that long.
+    fn create_topic(&self, topic: &str, should_stop: &dyn Fn() -> bool) -> Result<(), BatchError> {
+        const SLICE: Duration = Duration::from_secs(1);
+        const LIMIT: Duration = Duration::from_secs(5);
         let replication = TopicReplication::Fixed(self.config.topic_replication_factor);
         let new_topic = NewTopic::new(topic, self.config.topic_partitions, replication);
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results = self
-            .runtime
-            .block_on(self.admin.create_topics([&new_topic], &options))
-            .map_err(|e| BatchError::Unavailable(format!("cannot create topic \"{topic}\": {e}")))?;
+        let options = AdminOptions::new().operation_timeout(Some(LIMIT)).request_timeout(Some(LIMIT));
+        let mut created = std::pin::pin!(self.admin.create_topics([&new_topic], &options));
+        let deadline = Instant::now() + LIMIT;
+        let results = loop {
+            // The timer is made inside the runtime: it needs the runtime's clock.
+            match self.runtime.block_on(async { tokio::time::timeout(SLICE, created.as_mut()).await }) {
+                Ok(results) => {
+                    break results
+                        .map_err(|e| BatchError::Unavailable(format!("cannot create topic \"{topic}\": {e}")))?
+                }
+                Err(_) if should_stop() => return Err(BatchError::Interrupted),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(BatchError::Unavailable(self.explained(&format!(
+                        "cannot create topic \"{topic}\": no answer from Kafka within {} s",
+                        LIMIT.as_secs()
+                    ))));
+                }
+                Err(_) => {}
+            }
+        };
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -20,6 +20,7 @@ use rdkafka::{Offset, TopicPartitionList};
 pub use postgres;
 
 pub mod checker;
+pub mod proxy;
 
 pub fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("pg_test lives in the project").to_path_buf()
@@ -120,6 +121,17 @@ impl PrivateBroker {
         b
     }
 
+    /// An Apache Kafka broker that tells clients to connect to `port` (a proxy in front of it).
+    pub fn start_advertising(port: u16) -> PrivateBroker {
+        let b = PrivateBroker { kind: BrokerKind::Kafka, dir: scratch_dir("broker-proxied"), port: free_port() };
+        run(Command::new(b.script())
+            .env("KAFKA_ADVERTISED_PORT", port.to_string())
+            .arg("start")
+            .arg(&b.dir)
+            .arg(b.port.to_string()));
+        b
+    }
+
     /// An Apache Kafka broker whose client listener speaks TLS; its certificate is `ca_pem()`.
     pub fn start_tls() -> PrivateBroker {
         let b = PrivateBroker { kind: BrokerKind::Kafka, dir: scratch_dir("broker-tls"), port: free_port() };
@@ -200,6 +212,26 @@ impl PrivateBroker {
 
     pub fn thaw(&self) {
         self.signal("CONT");
+    }
+
+    /// The broker's warnings, errors and fencing lines, the last `lines` of them, to explain a
+    /// run that went wrong (the broker's directory is removed with it).
+    pub fn notable_log(&self, lines: usize) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.retain(|f| {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.ends_with(".log") && !name.starts_with("gc") && !name.starts_with("format")
+        });
+        files.sort();
+        let text: Vec<String> = files.iter().filter_map(|f| std::fs::read_to_string(f).ok()).collect();
+        let notable: Vec<&str> = text
+            .iter()
+            .flat_map(|t| t.lines())
+            .filter(|l| ["WARN", "ERROR", "enced"].iter().any(|w| l.contains(w)))
+            .collect();
+        notable[notable.len().saturating_sub(lines)..].join("\n")
     }
 
     pub fn resume(&self) {

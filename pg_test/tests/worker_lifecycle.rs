@@ -2,6 +2,7 @@
 //! survives broker outages, DROP EXTENSION, DROP DATABASE, crashes and immediate shutdowns.
 use std::time::{Duration, Instant};
 
+use pg_outbox_tests::proxy::SilencingProxy;
 use pg_outbox_tests::{payloads, read_topic, unique, wait_for, BrokerKind, Cluster, PrivateBroker};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -175,6 +176,28 @@ fn a_broker_restart_mid_flow_loses_nothing_and_keeps_key_order() {
     assert_eq!(log.matches("Kafka is reachable again").count(), 1);
 }
 
+/// A firewall or NAT that forgets the worker's connections leaves librdkafka waiting on them,
+/// unanswered, until its 60 s socket timeout. A producer that cannot learn a new topic's
+/// metadata three times running is replaced, and the new one's connections get through.
+#[test]
+fn a_producer_whose_connections_went_silent_is_replaced_and_a_new_topic_gets_its_messages_within_seconds() {
+    let proxy = SilencingProxy::bind();
+    let broker = PrivateBroker::start_advertising(proxy.port());
+    proxy.forward_to(broker.port);
+    let bootstrap = format!("127.0.0.1:{}", proxy.port());
+    let c = Cluster::start(&bootstrap, "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
+    assert_forwards(&c, &bootstrap, "before-silence");
+    proxy.silence_open_connections();
+    let topic = unique("after-silence");
+    let silenced = Instant::now();
+    enqueue_numbers(&c, &topic, 0..3);
+    let records = read_topic(&bootstrap, &topic, 3, Duration::from_secs(45));
+    assert_eq!(payloads(&records), numbers(0..3), "delivered {:?} after the silence", silenced.elapsed());
+    let log = c.log();
+    assert_eq!(log.matches("Kafka is unavailable").count(), 1, "the outage is logged once:\n{log}");
+    assert_eq!(log.matches("Kafka is reachable again").count(), 1, "{log}");
+}
+
 #[test]
 fn drop_extension_with_the_worker_attached_does_not_hang_and_create_brings_it_back() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
@@ -249,6 +272,44 @@ fn drop_database_is_not_blocked_by_a_batch_waiting_for_a_broker_that_went_away()
         .unwrap()
         .get(0);
     assert_eq!(in_flight, 1, "the worker is waiting for the broker, not between batches");
+    drop(scratch);
+    // It succeeds only if the worker left within DROP DATABASE's own 5 s wait (else 55006).
+    c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
+    assert!(c.log().contains("database is being dropped or renamed, worker exits"));
+}
+
+#[test]
+fn drop_database_is_not_blocked_by_a_worker_waiting_on_a_connection_that_went_silent() {
+    let proxy = SilencingProxy::bind();
+    let broker = PrivateBroker::start_advertising(proxy.port());
+    proxy.forward_to(broker.port);
+    let bootstrap = format!("127.0.0.1:{}", proxy.port());
+    let c = Cluster::start_with_databases(&bootstrap, "", &["shop", "scratch"]);
+    let mut scratch = c.client_for("scratch");
+    scratch.batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let enqueue = |db: &mut postgres::Client, topic: &str| {
+        db.batch_execute(&format!("SELECT outbox.enqueue_message('{topic}', '1'::jsonb)")).unwrap()
+    };
+    let before = unique("before-silence");
+    enqueue(&mut scratch, &before);
+    assert_eq!(read_topic(&bootstrap, &before, 1, WAIT).len(), 1);
+    proxy.silence_open_connections();
+    // A new topic: the worker asks for its metadata and creates it, over connections that no
+    // longer answer.
+    enqueue(&mut scratch, &unique("after-silence"));
+    let waiting = Instant::now();
+    loop {
+        let in_flight: i32 = scratch
+            .query_one("SELECT in_flight FROM outbox.worker_status WHERE database = current_database()", &[])
+            .unwrap()
+            .get(0);
+        if in_flight == 1 {
+            break;
+        }
+        assert!(waiting.elapsed() < WAIT, "the worker never took the message");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     drop(scratch);
     // It succeeds only if the worker left within DROP DATABASE's own 5 s wait (else 55006).
     c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");

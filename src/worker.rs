@@ -10,8 +10,8 @@ use pgrx::prelude::*;
 use pg_outbox_bgworker::message::MessageIds;
 use pg_outbox_bgworker::sink::BatchError;
 use pg_outbox_bgworker::{
-    plan_batch, BatchOutcome, ClusterOutages, Coalescing, KafkaSink, OutboundMessage, SendFailure, SinkConfig,
-    TopicCounters,
+    plan_batch, replace_producer, BatchOutcome, ClusterOutages, Coalescing, KafkaSink, OutboundMessage, SendFailure,
+    SinkConfig, TopicCounters,
 };
 
 use crate::guc;
@@ -149,15 +149,12 @@ impl Worker {
         self.show_broker_state();
     }
 
-    /// A batch the cluster did not take waits in the table and goes again after the backoff.
-    /// After messages timed out "possibly persisted" (`timed_out`), or when failures go on, it
-    /// goes through a new producer (a new idempotent producer id): the batch is resent from the
-    /// table in order, so no key is reordered. A producer that cannot even learn a topic's
-    /// metadata is replaced too: one that a fenced lone broker told of no broker at all knows
-    /// none to ask, and librdkafka would wait minutes before it starts over by itself.
+    /// A batch the cluster did not take waits in the table and goes again after the backoff,
+    /// through a new producer when `replace_producer` says so (`timed_out`: its messages timed
+    /// out "possibly persisted").
     fn wait_for_broker(&mut self, error: &str, timed_out: bool) -> Next {
         self.broker_unavailable(error);
-        if timed_out || self.reconnect_failures >= 3 {
+        if replace_producer(self.reconnect_failures, timed_out) {
             self.retire_all();
         }
         Next::Sleep(self.reconnect_delay())
@@ -308,12 +305,29 @@ impl Worker {
                 Err(BatchError::Unavailable(error)) => {
                     // Nothing of it was handed over: the producer keeps connecting in the
                     // background, for the next try (a cluster slow to connect, TLS and SASL
-                    // across an ocean, could never answer a new producer's probe in time).
-                    self.sinks.insert(config.clone(), sink);
+                    // across an ocean, could never answer a new producer's probe in time),
+                    // unless `replace_producer` says it may be wedged.
                     let (until, error) = self.cluster_failed(&config, &error);
+                    let sink = match replace_producer(self.outages.failures(&config.bootstrap_servers), false) {
+                        // Made now, so that it is connecting while the messages wait.
+                        true => {
+                            self.retire(sink);
+                            KafkaSink::new(config.clone()).ok()
+                        }
+                        false => Some(sink),
+                    };
+                    if let Some(sink) = sink {
+                        self.sinks.insert(config.clone(), sink);
+                    }
                     defer(&mut reports, &indexes, &error, until);
                 }
-                Err(interrupted) => return Err(interrupted),
+                Err(interrupted) => {
+                    // Destroyed off this thread, as below: the worker is leaving, maybe for a
+                    // DROP DATABASE that waits only 5 s.
+                    self.retire(sink);
+                    in_flight.into_iter().for_each(|(_, _, sink, _)| self.retire(sink));
+                    return Err(interrupted);
+                }
             }
         }
         let mut in_flight = in_flight.into_iter();
@@ -578,7 +592,7 @@ impl Worker {
         }
         if let Some(e) = &outcome.unavailable {
             keep_backlog_window(&settlement.window, backlog_starts_after);
-            return self.wait_for_broker(e, e.contains("timed out"));
+            return self.wait_for_broker(e, outcome.timed_out);
         }
         // Only a batch that went to the broker says it is reachable (one of held messages only,
         // or of clusters that are down, did not ask it).

@@ -17,7 +17,8 @@ pub use message::{parse_headers, OutboundMessage};
 pub use outages::{ClusterOutage, ClusterOutages};
 pub use plan::{cut_held_runs, held_lines_to_read, plan_batch, HeldLine, Plan};
 pub use policy::{
-    flush_before_sending, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, Rebootstrap, SendFailure,
+    flush_before_sending, replace_producer, Backoff, BatchOutcome, Coalescing, Outage, OutageWatch, Rebootstrap,
+    SendFailure,
 };
 pub use sink::{check_properties, parse_properties, BatchError, KafkaSink, SinkConfig};
 pub use text_forms::SnapshotBounds;

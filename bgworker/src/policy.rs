@@ -70,6 +70,8 @@ pub struct BatchOutcome {
     pub refused: Vec<(usize, String)>,
     /// Set when any message failed because the broker was unavailable: the batch must be resent.
     pub unavailable: Option<String>,
+    /// Whether any of those timed out in flight ("possibly persisted"), whichever came first.
+    pub timed_out: bool,
     /// Set when the producer hit a fatal error: recreate it and resend the batch.
     pub fatal: Option<String>,
     /// Indexes of messages whose cluster is down, with why and until when they wait.
@@ -84,6 +86,7 @@ impl BatchOutcome {
                 Ok(()) => outcome.delivered.push(i),
                 Err(SendFailure::Refused(e)) => outcome.refused.push((i, e)),
                 Err(SendFailure::Unavailable(e)) => {
+                    outcome.timed_out |= e.contains("timed out");
                     outcome.unavailable.get_or_insert(e);
                 }
                 Err(SendFailure::Fatal(e)) => {
@@ -114,6 +117,18 @@ impl Backoff {
         let exp = attempt.saturating_sub(1).min(30);
         self.initial.saturating_mul(1u32 << exp).min(self.max)
     }
+}
+
+/// Whether a cluster's next try goes through a new producer (a new idempotent producer id,
+/// new connections), after `failures` failed tries in a row. Always after messages timed out
+/// "possibly persisted" (`timed_out`): the batch is resent from the table, in order. Otherwise
+/// every third failure: a producer may be wedged on connections that went silent, which
+/// librdkafka waits out for `socket.timeout.ms` (60 s), or know no broker left to ask (a lone
+/// broker fenced by its controller lists none); while one merely slow to connect (TLS and SASL
+/// across an ocean) gets two more tries to get there, connecting in the background meanwhile.
+pub fn replace_producer(failures: u32, timed_out: bool) -> bool {
+    const EVERY: u32 = 3;
+    timed_out || (failures > 0 && failures.is_multiple_of(EVERY))
 }
 
 /// Whether the worker's last record must reach disk before `sending` more messages go out: a
@@ -349,6 +364,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_producer_is_replaced_after_a_timeout_and_every_third_failure_in_a_row() {
+        let replaced: Vec<u32> = (1..=9).filter(|&f| replace_producer(f, false)).collect();
+        assert_eq!(replaced, [3, 6, 9]);
+        assert!(replace_producer(1, true), "messages that timed out go again through a new producer");
+        assert!(!replace_producer(0, false));
+    }
+
+    #[test]
     fn bootstrap_servers_are_given_again_only_while_every_broker_stays_lost() {
         let lost = Instant::now();
         let at = |ms: u64| lost + Duration::from_millis(ms);
@@ -473,6 +496,20 @@ mod tests {
         assert_eq!(outcome.refused, vec![(1, "too big".to_string())]);
         assert_eq!(outcome.unavailable.as_deref(), Some("timed out"));
         assert!(!outcome.is_settled());
+    }
+
+    #[test]
+    fn a_message_that_timed_out_anywhere_in_the_batch_is_noticed_not_only_the_first_failure() {
+        let outcome = BatchOutcome::from_reports(vec![
+            Err(SendFailure::Unavailable("Local: Broker transport failure".into())),
+            Err(SendFailure::Unavailable(
+                "Message production error: MessageTimedOut (Local: Message timed out)".into(),
+            )),
+        ]);
+        assert_eq!(outcome.unavailable.as_deref(), Some("Local: Broker transport failure"));
+        assert!(outcome.timed_out);
+        let outcome = BatchOutcome::from_reports(vec![Err(SendFailure::Unavailable("purged".into()))]);
+        assert!(!outcome.timed_out);
     }
 
     #[test]

@@ -466,15 +466,18 @@ impl KafkaSink {
         const LIMIT: Duration = Duration::from_secs(5);
         let replication = TopicReplication::Fixed(self.config.topic_replication_factor);
         let new_topic = NewTopic::new(topic, self.config.topic_partitions, replication);
-        let options = AdminOptions::new().operation_timeout(Some(LIMIT)).request_timeout(Some(LIMIT));
+        // The broker's own wait for the creation ends first, so that a slow controller's answer
+        // still arrives within the request's.
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(3))).request_timeout(Some(LIMIT));
         let mut created = std::pin::pin!(self.admin.create_topics([&new_topic], &options));
         let deadline = Instant::now() + LIMIT;
         let results = loop {
             // The timer is made inside the runtime: it needs the runtime's clock.
             match self.runtime.block_on(async { tokio::time::timeout(SLICE, created.as_mut()).await }) {
                 Ok(results) => {
-                    break results
-                        .map_err(|e| BatchError::Unavailable(format!("cannot create topic \"{topic}\": {e}")))?
+                    break results.map_err(|e| {
+                        BatchError::Unavailable(self.explained(&format!("cannot create topic \"{topic}\": {e}")))
+                    })?
                 }
                 Err(_) if should_stop() => return Err(BatchError::Interrupted),
                 Err(_) if Instant::now() >= deadline => {

@@ -443,9 +443,9 @@ pub fn run(scenario: &Scenario, workload: &Workload) -> Report {
     report.server_log_tail = notable[notable.len().saturating_sub(60)..].join("\n");
     if !drained {
         // The worker logs an outage once; what it is doing now is in its status.
-        let status = cluster
-            .client()
-            .query("SELECT row_to_json(s)::text FROM outbox.worker_status s", &[])
+        let dsn = format!("{} connect_timeout=5", cluster.dsn(&cluster.database));
+        let status = postgres::Client::connect(&dsn, postgres::NoTls)
+            .and_then(|mut db| db.query("SELECT row_to_json(s)::text FROM outbox.worker_status s", &[]))
             .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n"))
             .unwrap_or_else(|e| format!("cannot read outbox.worker_status: {e}"));
         report.server_log_tail.push_str(&format!("\noutbox.worker_status at the end:\n{status}"));

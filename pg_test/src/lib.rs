@@ -229,7 +229,7 @@ impl PrivateBroker {
         let notable: Vec<&str> = text
             .iter()
             .flat_map(|t| t.lines())
-            .filter(|l| ["WARN", "ERROR", "enced"].iter().any(|w| l.contains(w)))
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.to_lowercase().contains("fenc"))
             .collect();
         notable[notable.len().saturating_sub(lines)..].join("\n")
     }

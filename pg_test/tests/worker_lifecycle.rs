@@ -187,15 +187,48 @@ fn a_producer_whose_connections_went_silent_is_replaced_and_a_new_topic_gets_its
     let bootstrap = format!("127.0.0.1:{}", proxy.port());
     let c = Cluster::start(&bootstrap, "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
     assert_forwards(&c, &bootstrap, "before-silence");
+    let logged_before = c.log().len();
     proxy.silence_open_connections();
     let topic = unique("after-silence");
     let silenced = Instant::now();
     enqueue_numbers(&c, &topic, 0..3);
     let records = read_topic(&bootstrap, &topic, 3, Duration::from_secs(45));
     assert_eq!(payloads(&records), numbers(0..3), "delivered {:?} after the silence", silenced.elapsed());
-    let log = c.log();
+    eprintln!("delivered {:?} after the silence", silenced.elapsed());
+    let log = c.log()[logged_before..].to_string();
     assert_eq!(log.matches("Kafka is unavailable").count(), 1, "the outage is logged once:\n{log}");
     assert_eq!(log.matches("Kafka is reachable again").count(), 1, "{log}");
+}
+
+/// The same for a cluster that routes name, beside the default one: its messages wait while the
+/// default cluster's go on, and every third failed try of it goes through a new producer.
+#[test]
+fn a_routed_clusters_producer_whose_connections_went_silent_is_replaced_while_the_default_cluster_goes_on() {
+    let proxy = SilencingProxy::bind();
+    let broker = PrivateBroker::start_advertising(proxy.port());
+    proxy.forward_to(broker.port);
+    let routed = format!("127.0.0.1:{}", proxy.port());
+    let default = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&default, "pg_outbox.retry_backoff = '200ms'\npg_outbox.retry_backoff_max = '2s'");
+    let (before, after) = (unique("routed-before-silence"), unique("routed-after-silence"));
+    for topic in [&before, &after] {
+        c.client()
+            .execute("INSERT INTO outbox.destinations (topic, bootstrap_servers) VALUES ($1, $2)", &[topic, &routed])
+            .unwrap();
+    }
+    enqueue_numbers(&c, &before, 0..3);
+    assert_eq!(payloads(&read_topic(&routed, &before, 3, WAIT)), numbers(0..3));
+    let logged_before = c.log().len();
+    proxy.silence_open_connections();
+    let silenced = Instant::now();
+    enqueue_numbers(&c, &after, 0..3);
+    assert_forwards(&c, &default, "default-cluster-meanwhile");
+    let records = read_topic(&routed, &after, 3, Duration::from_secs(45));
+    assert_eq!(payloads(&records), numbers(0..3), "delivered {:?} after the silence", silenced.elapsed());
+    eprintln!("delivered {:?} after the silence", silenced.elapsed());
+    let log = c.log()[logged_before..].to_string();
+    assert_eq!(log.matches(&format!("Kafka cluster {routed} is unavailable")).count(), 1, "{log}");
+    assert_eq!(log.matches(&format!("Kafka cluster {routed} is reachable again")).count(), 1, "{log}");
 }
 
 #[test]
@@ -279,7 +312,7 @@ fn drop_database_is_not_blocked_by_a_batch_waiting_for_a_broker_that_went_away()
 }
 
 #[test]
-fn drop_database_is_not_blocked_by_a_worker_waiting_on_a_connection_that_went_silent() {
+fn drop_database_is_not_blocked_by_a_worker_waiting_for_a_topic_to_be_created_on_a_connection_that_went_silent() {
     let proxy = SilencingProxy::bind();
     let broker = PrivateBroker::start_advertising(proxy.port());
     proxy.forward_to(broker.port);
@@ -293,23 +326,21 @@ fn drop_database_is_not_blocked_by_a_worker_waiting_on_a_connection_that_went_si
     let before = unique("before-silence");
     enqueue(&mut scratch, &before);
     assert_eq!(read_topic(&bootstrap, &before, 1, WAIT).len(), 1);
-    proxy.silence_open_connections();
-    // A new topic: the worker asks for its metadata and creates it, over connections that no
-    // longer answer.
-    enqueue(&mut scratch, &unique("after-silence"));
+    // A new topic: the worker learns it does not exist, and its request to create it goes
+    // unanswered (librdkafka would wait 60 s, its socket.timeout.ms).
+    proxy.silence_topic_creation();
+    enqueue(&mut scratch, &unique("never-created"));
     let waiting = Instant::now();
-    loop {
-        let in_flight: i32 = scratch
-            .query_one("SELECT in_flight FROM outbox.worker_status WHERE database = current_database()", &[])
-            .unwrap()
-            .get(0);
-        if in_flight == 1 {
-            break;
-        }
-        assert!(waiting.elapsed() < WAIT, "the worker never took the message");
+    while proxy.creations_silenced() == 0 {
+        assert!(waiting.elapsed() < WAIT, "the worker never asked to create the topic");
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(1));
+    let in_flight: i32 = scratch
+        .query_one("SELECT in_flight FROM outbox.worker_status WHERE database = current_database()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(in_flight, 1, "the worker is waiting for the topic to be created");
     drop(scratch);
     // It succeeds only if the worker left within DROP DATABASE's own 5 s wait (else 55006).
     c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");

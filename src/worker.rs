@@ -154,7 +154,9 @@ impl Worker {
     /// out "possibly persisted").
     fn wait_for_broker(&mut self, error: &str, timed_out: bool) -> Next {
         self.broker_unavailable(error);
-        if replace_producer(self.reconnect_failures, timed_out) {
+        // One cluster: the producer of the batch is the only one.
+        let failed_tries = self.sinks.values_mut().map(KafkaSink::failed_try).max().unwrap_or(0);
+        if replace_producer(failed_tries, timed_out) {
             self.retire_all();
         }
         Next::Sleep(self.reconnect_delay())
@@ -308,7 +310,7 @@ impl Worker {
                     // across an ocean, could never answer a new producer's probe in time),
                     // unless `replace_producer` says it may be wedged.
                     let (until, error) = self.cluster_failed(&config, &error);
-                    let sink = match replace_producer(self.outages.failures(&config.bootstrap_servers), false) {
+                    let sink = match replace_producer(sink.failed_try(), false) {
                         // Made now, so that it is connecting while the messages wait.
                         true => {
                             self.retire(sink);
@@ -322,8 +324,8 @@ impl Worker {
                     defer(&mut reports, &indexes, &error, until);
                 }
                 Err(interrupted) => {
-                    // Destroyed off this thread, as below: the worker is leaving, maybe for a
-                    // DROP DATABASE that waits only 5 s.
+                    // Destroyed off this thread, as below: each destroy may wait on a cluster that
+                    // is down, and so they wait side by side (see `retire_before_exit`).
                     self.retire(sink);
                     in_flight.into_iter().for_each(|(_, _, sink, _)| self.retire(sink));
                     return Err(interrupted);

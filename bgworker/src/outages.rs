@@ -79,11 +79,6 @@ impl<K: Eq + Hash + Clone> ClusterOutages<K> {
         wait
     }
 
-    /// How many tries of `cluster` failed in a row (0 if it is not down).
-    pub fn failures(&self, cluster: &K) -> u32 {
-        self.down.get(cluster).map_or(0, |o| o.failures)
-    }
-
     /// A try went through: the outage is over. Returns how long it lasted, if there was one.
     pub fn recovered(&mut self, cluster: &K, now: Instant) -> Option<Duration> {
         self.down.remove(cluster).map(|o| now.saturating_duration_since(o.since))

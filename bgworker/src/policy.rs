@@ -120,7 +120,8 @@ impl Backoff {
 }
 
 /// Whether a cluster's next try goes through a new producer (a new idempotent producer id,
-/// new connections), after `failures` failed tries in a row. Always after messages timed out
+/// new connections), after `failures` failed tries in a row through the one it has (counted by
+/// `KafkaSink::failed_try`). Always after messages timed out
 /// "possibly persisted" (`timed_out`): the batch is resent from the table, in order. Otherwise
 /// every third failure: a producer may be wedged on connections that went silent, which
 /// librdkafka waits out for `socket.timeout.ms` (60 s), or know no broker left to ask (a lone

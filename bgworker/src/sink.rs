@@ -187,6 +187,8 @@ pub struct KafkaSink {
     /// The bootstrap servers the producer was created with, to give it again (see `flush`).
     bootstrap_servers: CString,
     rebootstrap: Rebootstrap,
+    /// Tries through this producer that failed since it last had a message acknowledged.
+    failed_tries: u32,
 }
 
 /// librdkafka's handle of one topic of this producer.
@@ -222,6 +224,8 @@ struct Filed {
     /// out, so without this an operator would read "timed out" where librdkafka knew the reason.
     /// With when it was heard: see `Filed::cause`.
     cause: Option<(String, Instant)>,
+    /// Whether a message was acknowledged since `KafkaSink::failed_try` last asked.
+    acknowledged: bool,
     /// Whether a message of the batch in flight was reported unavailable for another reason than
     /// a purge (a message timeout): see `KafkaSink::wait_batch`.
     failed_unpurged: bool,
@@ -266,6 +270,7 @@ impl Reports {
         if report.is_ok() {
             filed.brokers_down = None;
             filed.cause = None;
+            filed.acknowledged = true;
         }
         let (batch, position) = ((opaque >> POSITION_BITS) as u32, opaque & ((1 << POSITION_BITS) - 1));
         if batch == filed.batch {
@@ -354,11 +359,20 @@ impl KafkaSink {
             runtime,
             bootstrap_servers,
             rebootstrap: Rebootstrap::default(),
+            failed_tries: 0,
         })
     }
 
     pub fn config(&self) -> &SinkConfig {
         &self.config
+    }
+
+    /// Counts a try through this producer that failed; returns how many failed in a row, since
+    /// it last had a message acknowledged (see `replace_producer`).
+    pub fn failed_try(&mut self) -> u32 {
+        let acknowledged = std::mem::take(&mut self.producer.context().filed().acknowledged);
+        self.failed_tries = if acknowledged { 1 } else { self.failed_tries + 1 };
+        self.failed_tries
     }
 
     /// The producer's fatal error, if it has one (then it must be recreated).
@@ -492,6 +506,12 @@ impl KafkaSink {
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                // The controller did not finish in time: a try that failed, not a refusal.
+                Err((_, RDKafkaErrorCode::RequestTimedOut)) => {
+                    return Err(BatchError::Unavailable(format!(
+                        "cannot create topic \"{topic}\": Kafka did not finish creating it in time"
+                    )));
+                }
                 // Anything else (e.g. not authorized) surfaces as refused produce requests.
                 Err(_) => {}
             }

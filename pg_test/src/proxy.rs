@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::PrivateBroker;
+
 pub struct SilencingProxy {
     listener: TcpListener,
     state: Arc<State>,
@@ -48,8 +50,21 @@ impl SilencingProxy {
         SilencingProxy { listener, state: Arc::default() }
     }
 
+    /// A new Apache Kafka broker that clients reach only through a proxy: it gives them the
+    /// proxy's address.
+    pub fn with_broker() -> (SilencingProxy, PrivateBroker) {
+        let proxy = SilencingProxy::bind();
+        let broker = PrivateBroker::start_advertising(proxy.port());
+        proxy.forward_to(broker.port);
+        (proxy, broker)
+    }
+
     pub fn port(&self) -> u16 {
         self.listener.local_addr().expect("the proxy's address").port()
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port())
     }
 
     /// Forwards each connection to `127.0.0.1:upstream`.

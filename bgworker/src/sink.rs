@@ -508,9 +508,9 @@ impl KafkaSink {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 // The controller did not finish in time: a try that failed, not a refusal.
                 Err((_, RDKafkaErrorCode::RequestTimedOut)) => {
-                    return Err(BatchError::Unavailable(format!(
+                    return Err(BatchError::Unavailable(self.explained(&format!(
                         "cannot create topic \"{topic}\": Kafka did not finish creating it in time"
-                    )));
+                    ))));
                 }
                 // Anything else (e.g. not authorized) surfaces as refused produce requests.
                 Err(_) => {}

@@ -207,39 +207,30 @@ fn broker_credentials_never_show_to_non_superusers_nor_in_the_log() {
             &[&format!("sasl.password={}", secrets[5])],
         )
         .unwrap();
-    let err = admin
-        .batch_execute(&format!(
-            "INSERT INTO outbox.destinations VALUES ('refused', NULL, '127.0.0.1:9', 'lingerms=1;sasl.password={}')",
-            secrets[2]
-        ))
-        .unwrap_err();
+    // A route INSERTed into outbox.destinations, which must be refused.
+    let insert_refused = |admin: &mut postgres::Client, values: String| {
+        admin.batch_execute(&format!("INSERT INTO outbox.destinations VALUES ({values})")).unwrap_err()
+    };
+    let err = insert_refused(
+        &mut admin,
+        format!("'refused', NULL, '127.0.0.1:9', 'lingerms=1;sasl.password={}'", secrets[2]),
+    );
     assert_eq!(sqlstate(&err), "22023");
     // Postgres's own refusal of a row quotes it ("Failing row contains").
-    let err = admin
-        .batch_execute(&format!(
-            "INSERT INTO outbox.destinations VALUES (NULL, NULL, 'h:1', 'sasl.password={}')",
-            secrets[6]
-        ))
-        .unwrap_err();
+    let err = insert_refused(&mut admin, format!("NULL, NULL, 'h:1', 'sasl.password={}'", secrets[6]));
     assert_eq!(sqlstate(&err), "23502");
     assert!(!format!("{err:?}").contains(secrets[6]), "{err:?}");
-    let mut copy = admin.copy_in("COPY outbox.destinations FROM STDIN").unwrap();
-    std::io::Write::write_all(
-        &mut copy,
-        format!("copied\t\\N\th:1\tlingerms=1;sasl.password={}\n", secrets[3]).as_bytes(),
-    )
-    .unwrap();
-    let err = copy.finish().unwrap_err();
+    // One line COPYed into outbox.destinations, which must be refused.
+    let copy_refused = |admin: &mut postgres::Client, line: String| {
+        let mut copy = admin.copy_in("COPY outbox.destinations FROM STDIN").unwrap();
+        std::io::Write::write_all(&mut copy, line.as_bytes()).unwrap();
+        copy.finish().unwrap_err()
+    };
+    let err = copy_refused(&mut admin, format!("copied\t\\N\th:1\tlingerms=1;sasl.password={}\n", secrets[3]));
     assert_eq!(sqlstate(&err), "22023");
     assert!(!format!("{err:?}").contains(secrets[3]), "{err:?}");
     // A line COPY cannot split: its context quotes the line.
-    let mut copy = admin.copy_in("COPY outbox.destinations FROM STDIN").unwrap();
-    std::io::Write::write_all(
-        &mut copy,
-        format!("columns\t\\N\th:1\tsasl.password={}\textra\n", secrets[7]).as_bytes(),
-    )
-    .unwrap();
-    let err = copy.finish().unwrap_err();
+    let err = copy_refused(&mut admin, format!("columns\t\\N\th:1\tsasl.password={}\textra\n", secrets[7]));
     assert_eq!(sqlstate(&err), "22P04");
     // The statement logged beside the error names neither the table nor the column.
     admin

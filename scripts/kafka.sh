@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A one-node Apache Kafka (KRaft) on loopback, as Kafka's own scripts run it.
-#   scripts/kafka.sh start DIR PORT   (idempotent; storage persists in DIR across restarts)
+#   scripts/kafka.sh start DIR PORT [ADVERTISED_PORT]   (idempotent; storage persists in DIR)
 #   scripts/kafka.sh stop DIR
 # With KAFKA_TLS=1 the client listener speaks TLS (a self-signed certificate for 127.0.0.1 whose
-# PEM is written to DIR/ca.pem, for the clients' ssl.ca.location). With KAFKA_ADVERTISED_PORT the
-# broker tells clients to connect to that port instead (a proxy in front of it); kept across restarts.
+# PEM is written to DIR/ca.pem, for the clients' ssl.ca.location). With ADVERTISED_PORT the broker
+# tells clients to connect to that port instead (a proxy in front of it); kept across restarts.
 set -euo pipefail
 cmd=$1 dir=$2
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,7 +21,7 @@ start)
   fi
   [ -d "$libs" ] || { echo "Kafka jars missing in $libs: run scripts/deps.sh kafka" >&2; exit 1; }
   mkdir -p "$dir/data"
-  [ -n "${KAFKA_ADVERTISED_PORT:-}" ] && echo "$KAFKA_ADVERTISED_PORT" > "$dir/advertised-port"
+  [ -n "${4:-}" ] && echo "$4" > "$dir/advertised-port"
   advertised_port=$(cat "$dir/advertised-port" 2>/dev/null || echo "$port")
   proto=PLAINTEXT
   if [ "${KAFKA_TLS:-0}" = 1 ] || [ -f "$dir/broker.p12" ]; then

@@ -1,5 +1,6 @@
 //! The forwarding worker of one database: a loop of read (short transaction) -> send (no
 //! transaction) -> record (short transaction), asleep on its latch when there is nothing to do.
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -10,8 +11,8 @@ use pgrx::prelude::*;
 use pg_outbox_bgworker::message::MessageIds;
 use pg_outbox_bgworker::sink::BatchError;
 use pg_outbox_bgworker::{
-    plan_batch, replace_producer, BatchOutcome, ClusterOutages, Coalescing, KafkaSink, OutboundMessage, SendFailure,
-    SinkConfig, TopicCounters,
+    plan_batch, replace_producer, BatchOutcome, ClusterOutages, Coalescing, KafkaSink, LogRepeats, OutboundMessage,
+    SendFailure, SinkConfig, TopicCounters, LIBRDKAFKA_LOG,
 };
 
 use crate::guc;
@@ -45,6 +46,7 @@ const DROP_CHECK: Duration = Duration::from_secs(1);
 fn wait(timeout: Duration) -> Wake {
     let deadline = Instant::now() + timeout;
     loop {
+        write_librdkafka_log();
         let slice = deadline.saturating_duration_since(Instant::now()).min(DROP_CHECK);
         let millis = slice.as_millis().clamp(1, i64::from(i32::MAX) as u128) as std::ffi::c_long;
         let flags = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
@@ -68,9 +70,46 @@ fn stop_requested() -> bool {
 }
 
 /// While a batch waits for the broker (up to the message timeout when it is down), the worker
-/// also leaves for a DROP DATABASE, which would otherwise fail after its 5 s wait.
+/// also leaves for a DROP DATABASE, which would otherwise fail after its 5 s wait. Asked between
+/// the waits of a batch, it is also when what librdkafka logged meanwhile is written.
 fn stop_or_drop_requested() -> bool {
+    write_librdkafka_log();
     stop_requested() || store::database_drop_pending()
+}
+
+thread_local! {
+    /// Which of librdkafka's lines were written lately (see `LogRepeats`).
+    static LIBRDKAFKA_REPEATS: RefCell<LogRepeats> = RefCell::default();
+}
+
+/// Writes what librdkafka logged since the last call to the server log: its threads may not.
+fn write_librdkafka_log() {
+    let (lines, dropped) = LIBRDKAFKA_LOG.take();
+    // Asked every millisecond while a batch waits; mostly there is nothing.
+    if lines.is_empty() && dropped == 0 {
+        return;
+    }
+    let now = Instant::now();
+    LIBRDKAFKA_REPEATS.with_borrow_mut(|repeats| {
+        for line in &lines {
+            let Some(unsaid) = repeats.admit(line, now) else { continue };
+            let repeated = match unsaid {
+                0 => String::new(),
+                n => format!(" [{n} more times since it was last logged]"),
+            };
+            let text = format!(
+                "pg_outbox: librdkafka (Kafka cluster {}) {}: {}{repeated}",
+                line.cluster, line.facility, line.message
+            );
+            match line.is_warning() {
+                true => warning!("{text}"),
+                false => log!("{text}"),
+            }
+        }
+    });
+    if dropped > 0 {
+        warning!("pg_outbox: {dropped} lines of librdkafka's log were left out: it wrote them faster than the worker passes them on");
+    }
 }
 
 struct Worker {
@@ -849,7 +888,9 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         // worker's writes to worker_state and topics never reach pg_stat_user_tables, and
         // autovacuum never sees their dead row versions.
         unsafe { pg_sys::pgstat_report_stat(false) };
-        match worker.cycle() {
+        let next = worker.cycle();
+        write_librdkafka_log();
+        match next {
             Next::Continue => worker.coalescing.continued(),
             Next::Exit => break,
             Next::Sleep(timeout) => {
@@ -868,6 +909,7 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         }
     }
     worker.retire_before_exit();
+    write_librdkafka_log();
     shmem::update(slot, |s| s.exited_cleanly = true);
     log!("pg_outbox: worker for database \"{database}\" stopped");
 }

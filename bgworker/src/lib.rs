@@ -5,6 +5,7 @@
 //! that the worker records in another short transaction.
 
 pub mod counters;
+pub mod librdkafka_log;
 pub mod message;
 pub mod outages;
 pub mod plan;
@@ -13,6 +14,7 @@ pub mod sink;
 pub mod text_forms;
 
 pub use counters::{TopicCount, TopicCounters};
+pub use librdkafka_log::{LogLine, LogRepeats, LIBRDKAFKA_LOG};
 pub use message::{parse_headers, OutboundMessage};
 pub use outages::{ClusterOutage, ClusterOutages};
 pub use plan::{cut_held_runs, held_lines_to_read, plan_batch, HeldLine, Plan};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::metadata::Metadata;
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -15,6 +15,7 @@ use rdkafka_sys::{
     rd_kafka_vu_t,
 };
 
+use crate::librdkafka_log::{without_secrets, LogLine, LIBRDKAFKA_LOG};
 use crate::message::{MessageIds, MESSAGE_ID_HEADER};
 use crate::{Outage, OutageWatch, OutboundMessage, Rebootstrap, SendFailure};
 
@@ -45,6 +46,9 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("message.timeout.ms", "120000"),
     ("socket.keepalive.enable", "true"),
     ("client.id", "pg_outbox"),
+    // Its log lines reach the server log (`LIBRDKAFKA_LOG`): which of its threads wrote one says
+    // nothing to an operator that the line does not (a broker's line names the broker).
+    ("log.thread.name", "false"),
 ];
 
 /// Parses `key=value` pairs separated by `;` or newlines (the `pg_outbox.kafka_properties` format).
@@ -98,11 +102,12 @@ fn check_each(properties: &[(String, String)]) -> Result<(), String> {
     Ok(())
 }
 
-/// librdkafka's sensitive properties (`_RK_SENSITIVE` in rdkafka_conf.c).
+/// librdkafka's sensitive properties (`_RK_SENSITIVE` in rdkafka_conf.c), and its alias of one.
 const SECRETS: &[&str] = &[
     "sasl.oauthbearer.assertion.private.key.file",
     "sasl.oauthbearer.assertion.private.key.passphrase",
     "sasl.oauthbearer.assertion.private.key.pem",
+    "sasl.oauthbearer.client.credentials.client.secret",
     "sasl.oauthbearer.client.secret",
     "sasl.oauthbearer.config",
     "sasl.password",
@@ -129,7 +134,29 @@ impl SinkConfig {
         for (k, v) in &self.properties {
             config.set(k, v);
         }
+        config.set_log_level(log_level(&self.properties));
         config
+    }
+}
+
+/// How much of librdkafka's log the worker writes (`LIBRDKAFKA_LOG`): its errors and warnings,
+/// unless a `debug` or `log_level` property asks for more, by librdkafka's own rule (`debug`
+/// means every level). rdkafka would otherwise set the level after creation from the `log`
+/// crate's, which nothing in the worker sets up.
+fn log_level(properties: &[(String, String)]) -> RDKafkaLogLevel {
+    let given = |name: &str| properties.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.trim());
+    if given("debug").is_some_and(|contexts| !contexts.is_empty()) {
+        return RDKafkaLogLevel::Debug;
+    }
+    match given("log_level").and_then(|level| level.parse::<i32>().ok()) {
+        Some(0) => RDKafkaLogLevel::Emerg,
+        Some(1) => RDKafkaLogLevel::Alert,
+        Some(2) => RDKafkaLogLevel::Critical,
+        Some(3) => RDKafkaLogLevel::Error,
+        Some(5) => RDKafkaLogLevel::Notice,
+        Some(6) => RDKafkaLogLevel::Info,
+        Some(7) => RDKafkaLogLevel::Debug,
+        _ => RDKafkaLogLevel::Warning,
     }
 }
 
@@ -208,7 +235,12 @@ impl Drop for TopicHandle {
 /// future per message would take); a late report of an earlier batch (one given up on when the
 /// worker was asked to stop) has another number and is dropped.
 #[derive(Default)]
-pub struct Reports(Mutex<Filed>);
+pub struct Reports {
+    filed: Mutex<Filed>,
+    /// For librdkafka's log lines (`LIBRDKAFKA_LOG`): the cluster, and the values to mask.
+    cluster: String,
+    secrets: Vec<String>,
+}
 
 #[derive(Default)]
 struct Filed {
@@ -257,7 +289,19 @@ fn opaque(batch: u32, position: usize) -> usize {
 impl Reports {
     fn filed(&self) -> MutexGuard<'_, Filed> {
         // A panic while holding the lock leaves plain data behind; the worker goes on with it.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.filed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The cluster is named by its bootstrap servers, as in the worker's other messages (and in
+    /// `worker_status`), so a secret that is part of them (a user name that is also a host's)
+    /// is not masked in the lines either: it would only garble the brokers' names.
+    fn for_cluster(config: &SinkConfig) -> Reports {
+        let secrets = config
+            .properties
+            .iter()
+            .filter(|(k, v)| SECRETS.contains(&k.as_str()) && !config.bootstrap_servers.contains(v.as_str()))
+            .map(|(_, v)| v.clone());
+        Reports { cluster: config.bootstrap_servers.clone(), secrets: secrets.collect(), ..Reports::default() }
     }
 
     fn file(&self, opaque: usize, report: Result<(), SendFailure>) {
@@ -291,6 +335,16 @@ impl ClientContext for Reports {
         } else {
             filed.cause = Some((reason.to_string(), Instant::now()));
         }
+    }
+
+    // Called on rdkafka's polling thread, as above: queued for the worker's thread to write.
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        LIBRDKAFKA_LOG.push(level as i32, || LogLine {
+            level: level as i32,
+            facility: facility.to_string(),
+            message: without_secrets(message, &self.secrets),
+            cluster: self.cluster.clone(),
+        });
     }
 }
 
@@ -339,10 +393,17 @@ impl KafkaSink {
         check_each(&config.properties).map_err(|e| format!("cannot create Kafka producer: {e}"))?;
         let client_config = config.client_config();
         let producer: ThreadedProducer<Reports> = client_config
-            .create_with_context(Reports::default())
+            .create_with_context(Reports::for_cluster(&config))
             .map_err(|e| format!("cannot create Kafka producer: {}", without_values(&e)))?;
-        let admin: AdminClient<DefaultClientContext> =
-            client_config.create().map_err(|e| format!("cannot create Kafka admin client: {}", without_values(&e)))?;
+        // The admin client's log is not read (rdkafka's admin client polls another queue than
+        // the one its log goes to), so it is asked for none: its lines would pile up there for
+        // as long as it lives. (Those of its creation, before rdkafka sets the level, stay there:
+        // a few, until it is destroyed.) What it would say, the producer of the cluster says.
+        let admin: AdminClient<DefaultClientContext> = client_config
+            .clone()
+            .set_log_level(RDKafkaLogLevel::Emerg)
+            .create()
+            .map_err(|e| format!("cannot create Kafka admin client: {}", without_values(&e)))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -830,6 +891,51 @@ mod tests {
         assert_eq!(config.get("enable.idempotence"), Some("true"));
         assert_eq!(config.get("linger.ms"), Some("20"));
         assert_eq!(config.get("bootstrap.servers"), Some("b:9092"));
+    }
+
+    #[test]
+    fn librdkafkas_warnings_and_errors_are_logged_unless_a_property_asks_for_more() {
+        let level = |properties: &[(&str, &str)]| {
+            log_level(&properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>()) as i32
+        };
+        assert_eq!(level(&[]), RDKafkaLogLevel::Warning as i32);
+        assert_eq!(level(&[("log_level", "6")]), RDKafkaLogLevel::Info as i32);
+        assert_eq!(level(&[("log_level", "6"), ("log_level", "3")]), RDKafkaLogLevel::Error as i32, "the last one");
+        assert_eq!(level(&[("log_level", "3"), ("debug", "broker,topic")]), RDKafkaLogLevel::Debug as i32);
+        assert_eq!(level(&[("debug", "")]), RDKafkaLogLevel::Warning as i32);
+    }
+
+    #[test]
+    fn a_clusters_log_lines_name_it_and_mask_its_secrets() {
+        let cluster = |bootstrap: &str, user: &str| SinkConfig {
+            bootstrap_servers: bootstrap.into(),
+            properties: vec![("sasl.username".into(), user.into()), ("linger.ms".into(), "20".into())],
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication_factor: -1,
+        };
+        // One test takes from the process's queue: two would take each other's lines.
+        Reports::for_cluster(&cluster("b:9092", "orders-svc")).log(
+            RDKafkaLogLevel::Error,
+            "SASL",
+            "orders-svc failed to authenticate after 20 ms",
+        );
+        let acme = "acme.kafka.example:9092";
+        Reports::for_cluster(&cluster(acme, "acme")).log(
+            RDKafkaLogLevel::Error,
+            "FAIL",
+            "acme.kafka.example:9092/bootstrap: SASL authentication error",
+        );
+        let (lines, _) = LIBRDKAFKA_LOG.take();
+        let line = lines.iter().find(|l| l.facility == "SASL").expect("queued");
+        assert_eq!(line.message, "*** failed to authenticate after 20 ms", "not a secret's value, the rest as it was");
+        assert_eq!((line.level, line.cluster.as_str()), (3, "b:9092"));
+        let line = lines.iter().find(|l| l.facility == "FAIL").expect("queued");
+        assert_eq!(
+            (line.cluster.as_str(), line.message.as_str()),
+            (acme, "acme.kafka.example:9092/bootstrap: SASL authentication error"),
+            "a secret that is part of the brokers' names, which every message shows, is left"
+        );
     }
 
     #[test]

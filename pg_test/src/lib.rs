@@ -124,11 +124,7 @@ impl PrivateBroker {
     /// An Apache Kafka broker that tells clients to connect to `port` (a proxy in front of it).
     pub fn start_advertising(port: u16) -> PrivateBroker {
         let b = PrivateBroker { kind: BrokerKind::Kafka, dir: scratch_dir("broker-proxied"), port: free_port() };
-        run(Command::new(b.script())
-            .env("KAFKA_ADVERTISED_PORT", port.to_string())
-            .arg("start")
-            .arg(&b.dir)
-            .arg(b.port.to_string()));
+        run(Command::new(b.script()).arg("start").arg(&b.dir).arg(b.port.to_string()).arg(port.to_string()));
         b
     }
 

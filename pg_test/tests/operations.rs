@@ -700,6 +700,39 @@ fn kafka_properties_librdkafka_refuses_are_refused_by_alter_system_and_a_reload_
     assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1, "the worker goes on with the value before");
 }
 
+/// librdkafka warns of a property it will ignore, as it does of deprecated ones and of settings
+/// that contradict each other: the warning reaches the server log, naming the cluster, once.
+#[test]
+fn librdkafkas_warnings_reach_the_server_log_once_naming_the_cluster() {
+    let (c, bootstrap) = kafka_cluster("pg_outbox.kafka_properties = 'fetch.wait.max.ms=100'");
+    let mut db = c.client();
+    let topic = unique("librdkafka-warned");
+    db.execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    let warning = format!(
+        "WARNING:  pg_outbox: librdkafka (Kafka cluster {bootstrap}) CONFWARN: Configuration property fetch.wait.max.ms is a consumer property and will be ignored by this producer instance"
+    );
+    wait_for("librdkafka's warning", WAIT, || c.log().contains(&warning));
+    // Changed properties make a new producer, which warns again: said once is enough.
+    c.reconfigure("pg_outbox.kafka_properties = 'fetch.wait.max.ms=100; linger.ms=2'");
+    wait_for("the new properties", WAIT, || show_kafka_properties(&mut db).ends_with("linger.ms=2"));
+    db.execute("SELECT outbox.enqueue_message($1, '2'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 2, WAIT).len(), 2);
+    let log = c.log();
+    assert_eq!(log.matches(&warning).count(), 1, "{log}");
+}
+
+/// As with any librdkafka client, `debug` asks for its debug lines: they are logged as they come.
+#[test]
+fn a_debug_property_brings_librdkafkas_debug_lines_to_the_server_log() {
+    let (c, bootstrap) = kafka_cluster("pg_outbox.kafka_properties = 'debug=metadata'");
+    let topic = unique("librdkafka-debugged");
+    c.client().execute("SELECT outbox.enqueue_message($1, '1'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    let debug_line = format!("LOG:  pg_outbox: librdkafka (Kafka cluster {bootstrap}) METADATA: ");
+    wait_for("librdkafka's debug lines", WAIT, || c.log().matches(&debug_line).count() > 1);
+}
+
 #[test]
 fn kafka_properties_wrong_when_the_server_starts_hold_every_message_and_say_why_until_fixed() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();

@@ -106,6 +106,10 @@ fn a_broker_unreachable_at_start_is_reported_with_librdkafkas_reason_and_gets_ev
     let log = c.log();
     assert_eq!(log.matches("Kafka is unavailable").count(), 1, "the outage is logged once:\n{log}");
     assert_eq!(log.matches("Kafka is reachable again").count(), 1);
+    // And librdkafka's own line about it, once, though every producer that tried heard it.
+    let librdkafkas = format!("WARNING:  pg_outbox: librdkafka (Kafka cluster {}) FAIL: ", broker.bootstrap());
+    let refused = log.lines().filter(|l| l.contains(&librdkafkas) && l.contains("Connection refused")).count();
+    assert_eq!(refused, 1, "{log}");
 }
 
 #[test]

@@ -55,7 +55,7 @@ make -s -C "$root" package > /dev/null
 tarball=$(ls -t "$root"/target/pg_outbox-*-pg15-*.tar.gz | head -1)
 # The listing is read whole first: `tar | grep -q` fails under pipefail when grep stops early.
 listing=$(tar -tzf "$tarball")
-for f in pg_outbox.so extension/pg_outbox.control extension/pg_outbox--0.1.0.sql extension/pg_outbox--0.1.0--0.2.0.sql extension/pg_outbox--0.2.0--0.3.0.sql extension/pg_outbox--0.3.0--0.4.0.sql extension/pg_outbox--0.4.0--0.5.0.sql extension/pg_outbox--0.5.0--0.6.0.sql extension/pg_outbox--0.6.0--0.7.0.sql; do
+for f in pg_outbox.so extension/pg_outbox.control extension/pg_outbox--0.1.0.sql extension/pg_outbox--0.1.0--0.2.0.sql extension/pg_outbox--0.2.0--0.3.0.sql extension/pg_outbox--0.3.0--0.4.0.sql extension/pg_outbox--0.4.0--0.5.0.sql extension/pg_outbox--0.5.0--0.6.0.sql extension/pg_outbox--0.6.0--0.7.0.sql extension/pg_outbox--0.7.0--0.8.0.sql; do
   grep -q "$f" <<< "$listing" || { echo "FAILED: $f missing from $tarball" >&2; exit 1; }
 done
 echo "package: $tarball holds the library, control file and SQL scripts"

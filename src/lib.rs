@@ -10,6 +10,7 @@ mod enqueue;
 mod guc;
 mod launcher;
 mod log_redaction;
+mod message_id;
 mod message_reader;
 mod message_writer;
 mod shmem;

@@ -6,13 +6,13 @@
 //! inserts themselves (docs/BENCHMARKS.md, round 10).
 //!
 //! The row is the one the INSERT wrote: the columns' defaults are computed here as the table
-//! defines them (`nextval('outbox.message_id_seq')`, `pg_current_xact_id()`, `now()`), the
-//! partition's key is the slot it is written to, and every index of the partition gets its entry.
-//! A partition that cannot be written that way — one that is not exactly its slot's partition of
-//! outbox.messages, a trigger, a rule, row security, a CHECK constraint, an index on an
-//! expression or with a predicate, a default other than the table's own, a column this does not
-//! know with a default or NOT NULL, a privilege missing — is left to the INSERT (`None`), which
-//! does all of it.
+//! defines them (`outbox._next_message_id('outbox.message_id_seq')`, `pg_current_xact_id()`,
+//! `now()`), the partition's key is the slot it is written to, and every index of the partition
+//! gets its entry. A partition that cannot be written that way — one that is not exactly its
+//! slot's partition of outbox.messages, a trigger, a rule, row security, a CHECK constraint, an
+//! index on an expression or with a predicate, a default other than the table's own, a column
+//! this does not know with a default or NOT NULL, a privilege missing — is left to the INSERT
+//! (`None`), which does all of it.
 //!
 //! What is known about each slot's partition is kept for the session and dropped when Postgres
 //! invalidates any of them in its relation cache (ALTER, CREATE INDEX, TRUNCATE, DROP, GRANT).
@@ -24,18 +24,8 @@ use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-use crate::guc;
 use crate::store::SLOTS;
-
-unsafe extern "C-unwind" {
-    // commands/sequence.h, which pgrx does not bind: what nextval() calls.
-    fn nextval_internal(relid: Oid, check_permissions: bool) -> i64;
-}
-
-/// `nextval(sequence)`, its ERRORs (permission, limit reached) raised as Postgres raises them.
-unsafe fn nextval(sequence: Oid) -> i64 {
-    pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, true))
-}
+use crate::{guc, message_id};
 
 /// The values of one message row, as `enqueue_message` received them (NULL is `None`).
 pub struct MessageRow {
@@ -308,7 +298,11 @@ unsafe fn inspect_open(rel: pg_sys::Relation, slot_number: i16, sequence: Oid) -
     };
     // The defaults this computes must be the table's: nextval of the sequence, the transaction's
     // id and start time. (The other columns are always given a value, as the INSERT gave them.)
-    let defaults_as_written = default_calls(constr, id + 1, pg_sys::F_NEXTVAL, Some(sequence))
+    // The id's is `outbox._next_message_id(sequence)` from SQL 0.8.0 on, nextval before: ids
+    // written here are the function's either way.
+    let id_default = default_calls(constr, id + 1, pg_sys::F_NEXTVAL, Some(sequence))
+        || next_message_id_function().is_some_and(|f| default_calls(constr, id + 1, f.to_u32(), Some(sequence)));
+    let defaults_as_written = id_default
         && default_calls(constr, txid + 1, pg_sys::F_PG_CURRENT_XACT_ID, None)
         && default_calls(constr, enqueued_at + 1, pg_sys::F_NOW, None);
     if !defaults_as_written {
@@ -374,6 +368,17 @@ unsafe fn default_calls(constr: *mut pg_sys::TupleConstr, attnum: usize, funcid:
     }
 }
 
+/// `outbox._next_message_id(regclass)`, if the extension's SQL objects have it (0.8.0 on).
+fn next_message_id_function() -> Option<Oid> {
+    guc::with_catalog_search_path(|| {
+        Spi::get_one::<Oid>(
+            "SELECT pg_catalog.to_regprocedure('outbox._next_message_id(pg_catalog.regclass)')::pg_catalog.oid",
+        )
+    })
+    .ok()
+    .flatten()
+}
+
 /// Whether `relid` is a partition of outbox.messages holding exactly the rows of slot `slot`.
 unsafe fn is_slot_partition(relid: Oid, slot: i16) -> bool {
     let bound = guc::with_catalog_search_path(|| {
@@ -399,7 +404,7 @@ unsafe fn write(rel: pg_sys::Relation, table: &SlotTable, row: &MessageRow) -> i
             nulls[i] = false;
         }
     };
-    let id = nextval(table.sequence);
+    let id = message_id::next_id(table.sequence);
     set(c.id, Some(Datum::from(id)));
     set(c.txid, Some(Datum::from(pg_sys::GetTopFullTransactionId().value)));
     set(c.slot, Some(Datum::from(row.slot)));

@@ -126,17 +126,18 @@ fn on_state_row<'c>(
 }
 
 /// The version of the extension's SQL objects this library works with.
-pub const SQL_VERSION: &str = "0.7.0";
+pub const SQL_VERSION: &str = "0.8.0";
 
 /// The versions whose objects the worker uses as it does SQL_VERSION's (0.7.0 only added a CHECK
-/// on outbox.destinations): it forwards from them without waiting for ALTER EXTENSION UPDATE.
-pub const WORKER_SQL_VERSIONS: [&str; 2] = ["0.6.0", SQL_VERSION];
+/// on outbox.destinations, 0.8.0 the default of outbox.messages.id): it forwards from them
+/// without waiting for ALTER EXTENSION UPDATE.
+pub const WORKER_SQL_VERSIONS: [&str; 3] = ["0.6.0", "0.7.0", SQL_VERSION];
 
 /// The versions whose tables `enqueue_message` writes as it does at SQL_VERSION (a delayed
 /// message through the version's own `_store_message`): between the install of this library and
 /// ALTER EXTENSION UPDATE from one of them, enqueueing goes on (the worker waits for the update
 /// from those it does not use).
-pub const ENQUEUE_SQL_VERSIONS: [&str; 4] = ["0.4.0", "0.5.0", "0.6.0", SQL_VERSION];
+pub const ENQUEUE_SQL_VERSIONS: [&str; 5] = ["0.4.0", "0.5.0", "0.6.0", "0.7.0", SQL_VERSION];
 
 thread_local! {
     /// The extension's OID last seen, and when its SQL objects were last found at a version of

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod policy;
 pub mod sink;
 pub mod text_forms;
+pub mod timeline_ids;
 
 pub use counters::{TopicCount, TopicCounters};
 pub use librdkafka_log::{LogLine, LogRepeats, LIBRDKAFKA_LOG};

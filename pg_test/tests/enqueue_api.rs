@@ -195,6 +195,25 @@ fn a_message_row_and_its_index_entries_are_what_an_insert_would_write() {
 }
 
 #[test]
+fn enqueue_message_writes_its_row_without_running_an_insert_unless_the_slot_needs_one() {
+    let c = cluster();
+    let mut db = c.client();
+    // auto_explain logs every statement the executor runs, the INSERT run inside a function too.
+    db.batch_execute(
+        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on",
+    )
+    .unwrap();
+    db.query_one("SELECT outbox.enqueue_message('direct', '{}'::jsonb)", &[]).unwrap();
+    let log = c.log();
+    assert!(log.contains("Query Text: SELECT outbox.enqueue_message('direct'"), "auto_explain logs:\n{log}");
+    assert!(!log.contains("INSERT INTO outbox.messages_"), "the row was written by an INSERT:\n{log}");
+    // A column with a default of its own: the INSERT writes the row, and auto_explain shows it.
+    db.batch_execute("ALTER TABLE outbox.messages ADD COLUMN region text NOT NULL DEFAULT 'eu'").unwrap();
+    db.query_one("SELECT outbox.enqueue_message('through', '{}'::jsonb)", &[]).unwrap();
+    assert!(c.log().contains("INSERT INTO outbox.messages_"), "{}", c.log());
+}
+
+#[test]
 fn a_read_only_transaction_cannot_enqueue() {
     let c = cluster();
     let mut db = c.client();

@@ -548,11 +548,50 @@ fn the_worker_forwards_from_0_6_0_objects_and_the_update_stops_at_a_route_writte
     assert_eq!(version(&mut db), "0.6.0");
     db.execute("UPDATE outbox.destinations SET kafka_properties = NULL", &[]).unwrap();
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
-    assert_eq!(version(&mut db), "0.7.0");
+    assert_eq!(version(&mut db), "0.8.0");
     let err = db.execute("UPDATE outbox.destinations SET kafka_properties = 'x=y'", &[]).unwrap_err();
     assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
     db.execute("SELECT outbox.enqueue_message($1, '\"after\"'::jsonb, key => 'k')", &[&topic]).unwrap();
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT))[2], "\"after\"");
+}
+
+#[test]
+fn the_worker_and_enqueue_go_on_against_0_7_0_objects_and_the_update_gives_every_slot_the_new_id_default() {
+    let (c, bootstrap) = cluster_at_version("0.7.0");
+    let mut db = c.client();
+    let topic = unique("from-0-7-0");
+    db.execute("SELECT outbox.enqueue_message($1, '\"before\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 1, WAIT)), vec!["\"before\""]);
+    assert!(!c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
+
+    db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
+    let version: String =
+        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
+    assert_eq!(version, "0.8.0");
+    // The parent and each slot partition: a row may be written into either.
+    let defaults: Vec<(String, String)> = db
+        .query(
+            "SELECT c.relname::text, pg_get_expr(d.adbin, d.adrelid)
+             FROM pg_attrdef d
+             JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum AND a.attname = 'id'
+             JOIN pg_class c ON c.oid = d.adrelid
+             WHERE c.relnamespace = 'outbox'::regnamespace AND c.relname ~ '^messages(_[0-9]+)?$'
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let tables: Vec<&str> = defaults.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(tables, ["messages", "messages_0", "messages_1", "messages_2", "messages_3"]);
+    for (table, default) in &defaults {
+        assert_eq!(default, "outbox._next_message_id('outbox.message_id_seq'::regclass)", "{table}");
+    }
+    db.execute("SELECT outbox.enqueue_message($1, '\"after\"'::jsonb, key => 'k')", &[&topic]).unwrap();
+    db.execute("INSERT INTO outbox.messages (topic, key, json_payload) VALUES ($1, 'k', '\"plain\"')", &[&topic])
+        .unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), vec!["\"before\"", "\"after\"", "\"plain\""]);
 }
 
 #[test]
@@ -817,7 +856,7 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
     let version: String =
         db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.7.0");
+    assert_eq!(version, "0.8.0");
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
         &[&topic],

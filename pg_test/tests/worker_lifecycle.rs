@@ -489,6 +489,78 @@ fn a_hot_standby_forwards_nothing_until_it_is_promoted() {
     assert!(standby.worker_pid(WAIT).is_some());
 }
 
+#[test]
+fn a_promoted_standby_gives_ids_above_every_id_the_old_primary_gave_after_the_standby_fell_behind() {
+    // Nothing is forwarded anywhere: only the ids matter here.
+    let nowhere = PrivateBroker::reserve(BrokerKind::Kafka);
+    let primary = Cluster::start(&nowhere.bootstrap(), "");
+    // A role that writes rows without enqueue_message and may only take ids (USAGE on the
+    // sequence): reading the recorded timeline and moving the ids need more.
+    primary
+        .client()
+        .batch_execute(
+            "CREATE ROLE plain_writer LOGIN;
+             GRANT USAGE ON SCHEMA outbox TO plain_writer;
+             GRANT INSERT, SELECT ON outbox.messages TO plain_writer;
+             GRANT USAGE ON SEQUENCE outbox.message_id_seq TO plain_writer;
+             GRANT EXECUTE ON FUNCTION outbox._current_slot() TO plain_writer;",
+        )
+        .unwrap();
+    let topic = unique("timeline");
+    enqueue_numbers(&primary, &topic, 0..5);
+    let standby = primary.start_standby(&nowhere.bootstrap());
+    wait_for("the standby to replay the first messages", WAIT, || {
+        standby.client().query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get::<_, i64>(0) == 5
+    });
+    // The standby falls behind: what the primary gives from now on, the failover loses.
+    standby.stop("fast");
+    enqueue_numbers(&primary, &topic, 5..205);
+    let lost: i64 = primary.client().query_one("SELECT max(id) FROM outbox.messages", &[]).unwrap().get(0);
+    primary.stop("immediate");
+    standby.restart_stopped();
+    standby.promote();
+
+    // The first ids of the new timeline: enqueue_message in four sessions at once.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let sessions: Vec<_> = (0..4)
+        .map(|_| {
+            let (dsn, topic, start) = (standby.dsn(&standby.database), topic.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut db = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
+                start.wait();
+                (0..50)
+                    .map(|_| {
+                        let row = db.query_one("SELECT outbox.enqueue_message($1, '1'::jsonb, key => 'k')", &[&topic]);
+                        row.unwrap().get::<_, i64>(0)
+                    })
+                    .collect::<Vec<i64>>()
+            })
+        })
+        .collect();
+    let mut ids: Vec<i64> = sessions.into_iter().flat_map(|s| s.join().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 200, "every id given once");
+    assert!(
+        ids[0] > lost,
+        "the new primary gave id {}, which the old one gave after the standby fell behind (up to {lost})",
+        ids[0]
+    );
+    // And a row written by a plain INSERT, by a role with USAGE on the ids' sequence only.
+    let as_plain_writer = format!("{} user=plain_writer", standby.dsn(&standby.database));
+    let mut plain = postgres::Client::connect(&as_plain_writer, postgres::NoTls).unwrap();
+    let id: i64 = plain
+        .query_one(
+            "INSERT INTO outbox.messages (topic, key, json_payload) VALUES ($1, 'k', '1') RETURNING id",
+            &[&topic],
+        )
+        .unwrap()
+        .get(0);
+    assert!(id > ids[199], "{id} after {}", ids[199]);
+    let moves = standby.log().matches("message ids go on after").count();
+    assert_eq!(moves, 1, "the ids move once:\n{}", standby.log());
+}
+
 /// Waits for the broker state of the worker of `db`'s database.
 fn wait_for_broker_state(db: &mut postgres::Client, wanted: &str, within: Duration) {
     let deadline = Instant::now() + within;

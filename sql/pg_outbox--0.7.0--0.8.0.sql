@@ -4,9 +4,9 @@
 -- Message ids a new timeline does not give again. After a failover to an asynchronous standby or
 -- a point-in-time recovery, the id sequence is where the WAL that reached the new server left it,
 -- and ids the old primary gave after that may be in Kafka already. The first id given on a
--- timeline other than the one recorded here moves outbox.message_id_seq 2^40 ahead (and on
--- timeline N at least to (N - 1) * 2^40), once, and records the timeline. Like the ids, the
--- record is not rolled back and replicates. 0 until the first id is given after this update.
+-- timeline other than the one recorded here moves outbox.message_id_seq 2^40 ahead for each
+-- timeline number between them, once, and records the timeline. Like the ids, the record is
+-- not rolled back and replicates. 0 until the first id is given after this update.
 CREATE SEQUENCE outbox.message_id_timeline MINVALUE 0 START 0;
 
 -- nextval, after that check. enqueue_message takes its ids the same way.

@@ -30,6 +30,17 @@ thread_local! {
     /// never on a standby and lives on one timeline, so it looks once, before its first id: the
     /// values it then caches (CACHE > 1) come after any move.
     static CHECKED_TIMELINE: Cell<u32> = const { Cell::new(0) };
+    /// Where it found it: outbox.message_id_timeline. Dropped (DROP EXTENSION) or replaced, it
+    /// is looked at again.
+    static RECORD: Cell<Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relation_changed(_arg: Datum, relid: Oid) {
+    if relid == pg_sys::InvalidOid || relid == RECORD.with(Cell::get) {
+        CHECKED_TIMELINE.with(|c| c.set(0));
+    }
 }
 
 #[no_mangle]
@@ -70,26 +81,31 @@ unsafe fn check_timeline(sequence: Oid, timeline: u32) {
     if relation(c"message_id_seq") != sequence {
         return;
     }
-    // SQL objects older than 0.8.0 (before ALTER EXTENSION UPDATE) record no timeline.
-    if relation(c"message_id_timeline") == pg_sys::InvalidOid {
-        CHECKED_TIMELINE.with(|c| c.set(timeline));
+    // SQL objects older than 0.8.0 (before ALTER EXTENSION UPDATE) record no timeline: looked
+    // for again at the next id, so that the first id after the update records it.
+    let record = relation(c"message_id_timeline");
+    if record == pg_sys::InvalidOid {
         return;
     }
-    if as_owner_of(sequence, recorded_timeline) != timeline {
+    if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), Datum::from(0));
+    }
+    if as_owner_of(record, recorded_timeline) != timeline {
         // One session at a time looks and moves, so the sequence moves once. nextval's own lock
         // (RowExclusiveLock) does not conflict with this one: sessions that checked go on.
         let lock = pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE;
         pg_sys::LockRelationOid(sequence, lock);
-        as_owner_of(sequence, || move_for(timeline));
+        as_owner_of(record, || move_for(timeline));
         pg_sys::UnlockRelationOid(sequence, lock);
     }
+    RECORD.with(|r| r.set(record));
     CHECKED_TIMELINE.with(|c| c.set(timeline));
 }
 
-/// Runs `f` as the owner of `relation`: reading the recorded timeline and setval need privileges
-/// a role that may INSERT into outbox.messages does not have (it needs only USAGE on the ids'
-/// sequence). An ERROR on the way restores the caller's identity with the (sub)transaction's
-/// abort.
+/// Runs `f` as the owner of `relation`, the record (the extension's owner, who made it): reading
+/// it and setval need privileges a role that may INSERT into outbox.messages does not have (it
+/// needs only USAGE on the ids' sequence). An ERROR on the way restores the caller's identity
+/// with the (sub)transaction's abort.
 unsafe fn as_owner_of<R>(relation: Oid, f: impl FnOnce() -> R) -> R {
     let owner = Spi::get_one_with_args::<Oid>(
         "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
@@ -97,7 +113,7 @@ unsafe fn as_owner_of<R>(relation: Oid, f: impl FnOnce() -> R) -> R {
     );
     let owner = match owner {
         Ok(Some(owner)) => owner,
-        other => timeline_error(format!("the owner of outbox.message_id_seq was not found ({other:?})")),
+        other => timeline_error(format!("the owner of outbox.message_id_timeline was not found ({other:?})")),
     };
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
@@ -136,7 +152,7 @@ fn move_for(timeline: u32) {
             let Ok((Some(last_value), Some(max_value), Some(increment))) = state else {
                 timeline_error(format!("outbox.message_id_seq could not be read ({state:?})"))
             };
-            match id_after_timeline_change(last_value, timeline, max_value, increment) {
+            match id_after_timeline_change(last_value, recorded, timeline, max_value, increment) {
                 Some(target) => {
                     set("outbox.message_id_seq", target);
                     log!(

@@ -214,6 +214,21 @@ fn enqueue_message_writes_its_row_without_running_an_insert_unless_the_slot_need
 }
 
 #[test]
+fn the_timeline_of_the_ids_is_recorded_by_a_session_again_after_it_recreates_the_extension() {
+    let c = cluster();
+    let mut db = c.client();
+    let recorded = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT last_value FROM outbox.message_id_timeline", &[]).unwrap().get(0)
+    };
+    assert_eq!(recorded(&mut db), 0, "nothing recorded before the first id");
+    db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap();
+    assert_eq!(recorded(&mut db), 1);
+    db.batch_execute("DROP EXTENSION pg_outbox; CREATE EXTENSION pg_outbox").unwrap();
+    db.query_one("SELECT outbox.enqueue_message('t', '{}'::jsonb)", &[]).unwrap();
+    assert_eq!(recorded(&mut db), 1, "the new extension's record is written by the session's next id");
+}
+
+#[test]
 fn a_read_only_transaction_cannot_enqueue() {
     let c = cluster();
     let mut db = c.client();

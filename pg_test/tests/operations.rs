@@ -592,6 +592,9 @@ fn the_worker_and_enqueue_go_on_against_0_7_0_objects_and_the_update_gives_every
     db.execute("INSERT INTO outbox.messages (topic, key, json_payload) VALUES ($1, 'k', '\"plain\"')", &[&topic])
         .unwrap();
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), vec!["\"before\"", "\"after\"", "\"plain\""]);
+    // The session that took ids before the update recorded the timeline with its first id after.
+    let recorded: i64 = db.query_one("SELECT last_value FROM outbox.message_id_timeline", &[]).unwrap().get(0);
+    assert_eq!(recorded, 1);
 }
 
 #[test]

@@ -507,24 +507,47 @@ fn a_promoted_standby_gives_ids_above_every_id_the_old_primary_gave_after_the_st
         )
         .unwrap();
     let topic = unique("timeline");
+    let count =
+        |c: &Cluster| c.client().query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get::<_, i64>(0);
+    // A standby that falls behind `old`, promoted once `old` is gone; and the highest id `old`
+    // gave after the standby fell behind, which the failover loses.
+    let fail_over = |old: &Cluster| -> (Cluster, i64) {
+        let standby = old.start_standby(&nowhere.bootstrap());
+        let replayed = count(old);
+        wait_for("the standby to replay the messages", WAIT, || count(&standby) == replayed);
+        standby.stop("fast");
+        enqueue_numbers(old, &topic, 0..200);
+        let lost: i64 = old.client().query_one("SELECT max(id) FROM outbox.messages", &[]).unwrap().get(0);
+        old.stop("immediate");
+        standby.restart_stopped();
+        standby.promote();
+        (standby, lost)
+    };
     enqueue_numbers(&primary, &topic, 0..5);
-    let standby = primary.start_standby(&nowhere.bootstrap());
-    wait_for("the standby to replay the first messages", WAIT, || {
-        standby.client().query_one("SELECT count(*) FROM outbox.messages", &[]).unwrap().get::<_, i64>(0) == 5
-    });
-    // The standby falls behind: what the primary gives from now on, the failover loses.
-    standby.stop("fast");
-    enqueue_numbers(&primary, &topic, 5..205);
-    let lost: i64 = primary.client().query_one("SELECT max(id) FROM outbox.messages", &[]).unwrap().get(0);
-    primary.stop("immediate");
-    standby.restart_stopped();
-    standby.promote();
 
-    // The first ids of the new timeline: enqueue_message in four sessions at once.
+    // Timeline 2: the first id is a plain INSERT's, by the role that may only take ids.
+    let (second, lost) = fail_over(&primary);
+    let as_plain_writer = format!("{} user=plain_writer", second.dsn(&second.database));
+    let mut plain = postgres::Client::connect(&as_plain_writer, postgres::NoTls).unwrap();
+    let id: i64 = plain
+        .query_one(
+            "INSERT INTO outbox.messages (topic, key, json_payload) VALUES ($1, 'k', '1') RETURNING id",
+            &[&topic],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        id > lost,
+        "the new primary gave id {id}, which the old one gave after the standby fell behind (up to {lost})"
+    );
+    drop(plain);
+
+    // Timeline 3: the first ids are enqueue_message's, in four sessions at once.
+    let (third, lost) = fail_over(&second);
     let start = std::sync::Arc::new(std::sync::Barrier::new(4));
     let sessions: Vec<_> = (0..4)
         .map(|_| {
-            let (dsn, topic, start) = (standby.dsn(&standby.database), topic.clone(), start.clone());
+            let (dsn, topic, start) = (third.dsn(&third.database), topic.clone(), start.clone());
             std::thread::spawn(move || {
                 let mut db = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
                 start.wait();
@@ -541,24 +564,11 @@ fn a_promoted_standby_gives_ids_above_every_id_the_old_primary_gave_after_the_st
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 200, "every id given once");
-    assert!(
-        ids[0] > lost,
-        "the new primary gave id {}, which the old one gave after the standby fell behind (up to {lost})",
-        ids[0]
-    );
-    // And a row written by a plain INSERT, by a role with USAGE on the ids' sequence only.
-    let as_plain_writer = format!("{} user=plain_writer", standby.dsn(&standby.database));
-    let mut plain = postgres::Client::connect(&as_plain_writer, postgres::NoTls).unwrap();
-    let id: i64 = plain
-        .query_one(
-            "INSERT INTO outbox.messages (topic, key, json_payload) VALUES ($1, 'k', '1') RETURNING id",
-            &[&topic],
-        )
-        .unwrap()
-        .get(0);
-    assert!(id > ids[199], "{id} after {}", ids[199]);
-    let moves = standby.log().matches("message ids go on after").count();
-    assert_eq!(moves, 1, "the ids move once:\n{}", standby.log());
+    assert!(ids[0] > lost, "the new primary gave id {}, which the old one gave (up to {lost})", ids[0]);
+    for promoted in [&second, &third] {
+        let moves = promoted.log().matches("message ids go on after").count();
+        assert_eq!(moves, 1, "the ids move once:\n{}", promoted.log());
+    }
 }
 
 /// Waits for the broker state of the worker of `db`'s database.

@@ -26,9 +26,9 @@ unsafe fn nextval(sequence: Oid) -> i64 {
 }
 
 thread_local! {
-    /// The timeline this session found recorded as the ids' own. A session that takes ids was
-    /// never on a standby and lives on one timeline, so it looks once, before its first id: the
-    /// values it then caches (CACHE > 1) come after any move.
+    /// The timeline this session found recorded as the ids' own. A server writes on one timeline
+    /// from the end of its recovery, and a session looks only once recovery is over, so it looks
+    /// once, before its first id: the values it then caches (CACHE > 1) come after any move.
     static CHECKED_TIMELINE: Cell<u32> = const { Cell::new(0) };
     /// Where it found it: outbox.message_id_timeline. Dropped (DROP EXTENSION) or replaced, it
     /// is looked at again.

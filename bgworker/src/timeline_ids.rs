@@ -7,8 +7,8 @@
 //! at the end of every archive recovery, numbered above every timeline before it in the archive.
 //! So the first id given on timeline N, when ids were last given on timeline R, moves the
 //! sequence (N - R) * 2^40 ahead: past every id timeline R can have given since (four months of
-//! 100,000 messages a second), and two timelines that leave R from the same point (two
-//! recoveries, two standbys promoted) land 2^40 apart.
+//! 100,000 messages a second), and two timelines that leave R (two recoveries, two standbys
+//! promoted) land 2^40 apart, less the distance between the points they left it at.
 
 /// How far the sequence moves ahead for each timeline number it passes.
 pub const IDS_PER_TIMELINE: i64 = 1 << 40;

@@ -21,6 +21,11 @@ fn cluster_at_version(version: &str) -> (Cluster, String) {
     (c, bootstrap)
 }
 
+/// The version of the extension's SQL objects.
+fn version(db: &mut postgres::Client) -> String {
+    db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0)
+}
+
 #[test]
 fn a_paused_topic_keeps_its_messages_until_resumed_and_other_topics_flow() {
     let (c, bootstrap) = kafka_cluster("");
@@ -539,9 +544,6 @@ fn the_worker_forwards_from_0_6_0_objects_and_the_update_stops_at_a_route_writte
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"plain\"", "\"delayed\""]);
     assert!(!c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
 
-    let version = |db: &mut postgres::Client| -> String {
-        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0)
-    };
     let err = db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap_err();
     assert_eq!(pg_outbox_tests::sqlstate(&err), "22023", "{err}");
     assert!(err.as_db_error().unwrap().message().starts_with("route of topic \"old\": kafka_properties"), "{err}");
@@ -565,9 +567,7 @@ fn the_worker_and_enqueue_go_on_against_0_7_0_objects_and_the_update_gives_every
     assert!(!c.log().contains("run ALTER EXTENSION pg_outbox UPDATE"));
 
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
-    let version: String =
-        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.8.0");
+    assert_eq!(version(&mut db), "0.8.0");
     // The parent and each slot partition: a row may be written into either.
     let defaults: Vec<(String, String)> = db
         .query(
@@ -857,9 +857,7 @@ fn alter_extension_update_upgrades_from_0_1_0_and_keeps_pending_messages() {
             && c.log().contains("run ALTER EXTENSION pg_outbox UPDATE")
     });
     db.batch_execute("ALTER EXTENSION pg_outbox UPDATE").unwrap();
-    let version: String =
-        db.query_one("SELECT extversion FROM pg_extension WHERE extname = 'pg_outbox'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.8.0");
+    assert_eq!(version(&mut db), "0.8.0");
     db.execute(
         "SELECT outbox.enqueue_message($1, '\"after upgrade\"'::jsonb, key => 'k', deliver_after => '0')",
         &[&topic],

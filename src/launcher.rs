@@ -2,7 +2,8 @@
 //! worker for each database in `pg_outbox.database` that exists, and starts it again (with
 //! backoff) when it exits. A worker exits when its database is being dropped, on an unexpected
 //! error, or on SIGTERM; it is never restarted by the postmaster itself, so a dropped database
-//! does not turn into a restart loop.
+//! does not turn into a restart loop. The launcher itself is: the workers go on meanwhile, and
+//! the next launcher leaves the ones running alone.
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::time::{Duration, Instant};
@@ -87,7 +88,11 @@ fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // A cancel request (pg_cancel_backend) only wakes the launcher: it runs no statement to
+    // cancel, and Postgres' handler would end it with an ERROR.
+    BackgroundWorker::attach_signal_handlers(
+        SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM | SignalWakeFlags::SIGINT,
+    );
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut workers: HashMap<String, Tracked> = HashMap::new();
     let mut warned_no_slot = false;
@@ -117,6 +122,10 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
                     }
                 }
             }
+            // Started by the launcher before this one, and still running.
+            if tracked.handle.is_none() && shmem::running_worker(&database).is_some() {
+                continue;
+            }
             if now < tracked.not_before || !existing.contains(&database) {
                 continue;
             }
@@ -143,9 +152,10 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     }
-    for (_, tracked) in workers.drain() {
-        if let Some(handle) = tracked.handle {
-            let _ = handle.terminate();
-        }
-    }
+    // SIGTERM: at shutdown the postmaster stops the workers itself, and starts nothing again.
+    // Otherwise someone ended the launcher (pg_terminate_backend): exit code 1 has the postmaster
+    // start it again after its restart time (code 0 would unregister it until the server
+    // restarts, and no worker that stops would be started again), and the workers, left alone,
+    // forward meanwhile.
+    unsafe { pg_sys::proc_exit(1) };
 }

@@ -195,28 +195,59 @@ pub fn async_commits() -> (u64, u64) {
     (pending, ASYNC_COMMITS_END.get().load(Ordering::SeqCst))
 }
 
+/// How a starting worker's claim on its database's slot went.
+pub enum Claim {
+    Claimed(usize),
+    /// The worker of this process ID, still running, forwards the database already: one started
+    /// by an earlier launcher (it was cancelled or terminated, and started again).
+    Forwarded(i32),
+    NoFreeSlot,
+}
+
+/// Whether `pid`, written into a slot by a worker, is still a running process of this server.
+/// A worker clears its pid when it exits (even on an ERROR), and a crash resets shared memory;
+/// this only keeps a slot from being lost to a pid nobody cleared.
+fn running(pid: i32) -> bool {
+    pid != 0 && !unsafe { pg_sys::BackendPidGetProc(pid) }.is_null()
+}
+
 /// Finds (or claims) the slot of the worker for `database_oid`, keeping earlier figures. Once
 /// every slot has been used, the one of the worker that stopped longest ago is taken over: a
 /// database dropped and created again gets a new OID, and would otherwise keep its old slot
-/// forever.
-pub fn claim_slot(database_oid: u32, database: &str) -> Option<usize> {
+/// forever. A slot whose worker still runs is not taken: two workers of one database would each
+/// send every message.
+pub fn claim_slot(database_oid: u32, database: &str) -> Claim {
     let mut registry = REGISTRY.exclusive();
     let slots = &registry.slots;
-    let index = slots
+    let Some(index) = slots
         .iter()
         .position(|s| s.in_use && s.database_oid == database_oid)
         .or_else(|| slots.iter().position(|s| !s.in_use))
-        .or_else(|| (0..slots.len()).filter(|&i| slots[i].pid == 0).min_by_key(|&i| slots[i].started_at))?;
+        .or_else(|| (0..slots.len()).filter(|&i| !running(slots[i].pid)).min_by_key(|&i| slots[i].started_at))
+    else {
+        return Claim::NoFreeSlot;
+    };
     let slot = &mut registry.slots[index];
+    let me = unsafe { pg_sys::MyProcPid };
+    if slot.in_use && slot.database_oid == database_oid && slot.pid != me && running(slot.pid) {
+        return Claim::Forwarded(slot.pid);
+    }
     if !slot.in_use || slot.database_oid != database_oid {
         *slot = WorkerSlot::EMPTY;
         slot.in_use = true;
         slot.database_oid = database_oid;
     }
     copy_text(&mut slot.database, database);
-    // Under the same lock: a slot without a pid may be taken over by the next worker to start.
-    slot.pid = unsafe { pg_sys::MyProcPid };
-    Some(index)
+    // Under the same lock: a slot without a running worker may be taken over by the next to start.
+    slot.pid = me;
+    Claim::Claimed(index)
+}
+
+/// The process ID of the worker that forwards `database`, if one runs: after a restart, the
+/// launcher finds the workers its predecessor started.
+pub fn running_worker(database: &str) -> Option<i32> {
+    let registry = REGISTRY.share();
+    registry.slots.iter().find(|s| s.in_use && s.database() == database && running(s.pid)).map(|s| s.pid)
 }
 
 /// Whether the last worker of `database` left on purpose (then it is restarted without backoff).

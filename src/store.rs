@@ -23,10 +23,26 @@ pub const SLOTS: i16 = 4;
 /// of 300 bytes): at a high rate, the interval alone would let a slot grow with the rate.
 const ROTATION_BYTES: i64 = 16 * 1024 * 1024;
 
+/// Forgets a cancel request (pg_cancel_backend) that reached the worker outside a transaction:
+/// idle, or sending to the broker, it runs no statement to cancel, as a session idle between
+/// statements does not. Left pending, the next CHECK_FOR_INTERRUPTS would end the worker with an
+/// ERROR, and the batch in flight would be sent again by the next one. A cancel that arrives
+/// during a transaction cancels its statement (a wait for a lock, say), as for any session.
+pub fn discard_cancel_request() {
+    unsafe {
+        if std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0 {
+            std::ptr::write_volatile(&raw mut pg_sys::QueryCancelPending, 0);
+            log!("pg_outbox: the worker was asked to cancel between transactions, where it runs no statement; it goes on");
+        }
+    }
+}
+
 /// Runs `body` in its own transaction. REPEATABLE READ makes every statement, and
-/// `pg_current_snapshot()`, see the same snapshot. An ERROR inside ends the worker process
-/// (exit code 1, never a crash); the launcher starts it again with backoff.
+/// `pg_current_snapshot()`, see the same snapshot. An ERROR inside (a cancelled statement among
+/// them) ends the worker process (exit code 1, never a crash); the launcher starts it again with
+/// backoff.
 pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
+    discard_cancel_request();
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();

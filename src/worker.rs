@@ -53,6 +53,7 @@ fn wait(timeout: Duration) -> Wake {
         let rc = unsafe {
             let rc = pg_sys::WaitLatch(pg_sys::MyLatch, flags as i32, millis, pg_sys::PG_WAIT_EXTENSION);
             pg_sys::ResetLatch(pg_sys::MyLatch);
+            store::discard_cancel_request();
             pg_sys::check_for_interrupts!();
             rc
         };
@@ -845,9 +846,16 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     // more than jit_above_cost, which would JIT-compile it on every run.
     worker_setting(c"jit", c"off");
     let database_oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    let Some(slot) = shmem::claim_slot(database_oid, &database) else {
-        warning!("pg_outbox: no free worker slot for database \"{database}\"");
-        return;
+    let slot = match shmem::claim_slot(database_oid, &database) {
+        shmem::Claim::Claimed(slot) => slot,
+        shmem::Claim::Forwarded(pid) => {
+            log!("pg_outbox: database \"{database}\" is forwarded by worker PID {pid} already; this one leaves");
+            return;
+        }
+        shmem::Claim::NoFreeSlot => {
+            warning!("pg_outbox: no free worker slot for database \"{database}\"");
+            return;
+        }
     };
     unsafe { pg_sys::before_shmem_exit(Some(on_worker_exit), pg_sys::Datum::from(slot)) };
     shmem::update(slot, |s| {

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use pg_outbox_tests::proxy::SilencingProxy;
-use pg_outbox_tests::{payloads, read_topic, unique, wait_for, BrokerKind, Cluster, PrivateBroker};
+use pg_outbox_tests::{payloads, read_topic, read_topic_settled, unique, wait_for, BrokerKind, Cluster, PrivateBroker};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -67,6 +67,94 @@ fn sigterm_stops_the_worker_promptly_and_the_launcher_starts_it_again() {
     let delivered: i64 =
         c.client().query_one("SELECT messages_delivered FROM outbox.worker_status", &[]).unwrap().get(0);
     assert_eq!(delivered, 6);
+}
+
+fn pids_of(c: &Cluster, backend_type: &str) -> Vec<i32> {
+    let rows = c
+        .client_for("postgres")
+        .query("SELECT pid FROM pg_stat_activity WHERE backend_type = $1 ORDER BY pid", &[&backend_type])
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Waits until the one process of `backend_type` is another than `old`, and returns it.
+fn replaced(c: &Cluster, backend_type: &str, old: i32, within: Duration) -> i32 {
+    let deadline = Instant::now() + within;
+    loop {
+        if let [pid] = pids_of(c, backend_type)[..] {
+            if pid != old {
+                return pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new {backend_type} within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_cancel_request_to_the_worker_cancels_the_statement_it_waits_in_and_nothing_when_it_runs_none() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let pid = c.worker_pid(WAIT).unwrap();
+    c.client().execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pids_of(&c, "pg_outbox worker"), vec![pid], "an idle worker goes on");
+    assert_forwards(&c, &bootstrap, "after-idle-cancel");
+    let log = c.log();
+    assert!(!log.contains("canceling statement"), "{log}");
+    assert_eq!(log.matches("the worker was asked to cancel between transactions").count(), 1, "{log}");
+
+    // In a statement, waiting for a lock a session holds on the table it reads each cycle.
+    let mut holder = c.client();
+    holder.batch_execute("BEGIN; LOCK TABLE outbox.worker_state IN ACCESS EXCLUSIVE MODE").unwrap();
+    let topic = unique("after-lock-cancel");
+    enqueue_numbers(&c, &topic, 0..3);
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'";
+    wait_for("the worker to wait for the lock", WAIT, || {
+        c.client().query_one(waiting, &[&pid]).unwrap().get::<_, i64>(0) == 1
+    });
+    c.client().execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    let new_pid = replaced(&c, "pg_outbox worker", pid, WAIT);
+    let cancelled = format!("[{pid}] pg_outbox worker ERROR:  canceling statement due to user request");
+    assert!(c.log().contains(&cancelled), "{}", c.log());
+    holder.batch_execute("COMMIT").unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    assert_eq!(c.worker_pid(WAIT), Some(new_pid));
+}
+
+#[test]
+fn the_launcher_ignores_a_cancel_request_and_once_terminated_comes_back_without_starting_a_second_worker() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let worker = c.worker_pid(WAIT).unwrap();
+    let [launcher] = pids_of(&c, "pg_outbox launcher")[..] else { panic!("one launcher") };
+    c.client().execute("SELECT pg_cancel_backend($1)", &[&launcher]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pids_of(&c, "pg_outbox launcher"), vec![launcher]);
+
+    // The postmaster starts it again (its restart time is 5 s); the worker forwards meanwhile.
+    c.client().execute("SELECT pg_terminate_backend($1)", &[&launcher]).unwrap();
+    let during = unique("while-the-launcher-is-away");
+    enqueue_numbers(&c, &during, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &during, 3, WAIT)), numbers(0..3));
+    let launcher = replaced(&c, "pg_outbox launcher", launcher, WAIT);
+    // The new launcher found the worker its predecessor started: one worker, and each message
+    // sent once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pids_of(&c, "pg_outbox worker"), vec![worker]);
+    let topic = unique("after-the-launcher-came-back");
+    enqueue_numbers(&c, &topic, 0..200);
+    let read = read_topic_settled(&bootstrap, &topic, 400, Duration::from_secs(10), Duration::from_secs(2));
+    assert_eq!(payloads(&read), numbers(0..200));
+
+    // And it starts the next worker when that one stops.
+    c.client().execute("SELECT pg_terminate_backend($1)", &[&worker]).unwrap();
+    replaced(&c, "pg_outbox worker", worker, WAIT);
+    assert_forwards(&c, &bootstrap, "after-the-adopted-worker");
+    assert_eq!(pids_of(&c, "pg_outbox launcher"), vec![launcher]);
+    let log = c.log();
+    assert!(!log.contains("canceling statement"), "{log}");
+    assert!(!log.contains("is forwarded by worker PID"), "no second worker was started:\n{log}");
 }
 
 #[test]

@@ -89,7 +89,9 @@ fn start_worker(database: &str) -> Option<DynamicBackgroundWorker> {
 #[no_mangle]
 pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
     // A cancel request (pg_cancel_backend) only wakes the launcher: it runs no statement to
-    // cancel, and Postgres' handler would end it with an ERROR.
+    // cancel, and Postgres' handler would end it with an ERROR. (So would a lock_timeout in
+    // postgresql.conf, which Postgres delivers as a cancel: its scan of pg_database waits for
+    // its lock instead.)
     BackgroundWorker::attach_signal_handlers(
         SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM | SignalWakeFlags::SIGINT,
     );

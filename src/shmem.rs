@@ -204,11 +204,16 @@ pub enum Claim {
     NoFreeSlot,
 }
 
-/// Whether `pid`, written into a slot by a worker, is still a running process of this server.
-/// A worker clears its pid when it exits (even on an ERROR), and a crash resets shared memory;
-/// this only keeps a slot from being lost to a pid nobody cleared.
-fn running(pid: i32) -> bool {
-    pid != 0 && !unsafe { pg_sys::BackendPidGetProc(pid) }.is_null()
+/// Whether `pid`, written into a slot by a worker, is still a background worker connected to
+/// the slot's database. A worker clears its pid when it exits (even on an ERROR), and a crash
+/// resets shared memory; this only keeps a slot from being lost to a pid nobody cleared, since
+/// reused by another process.
+fn running(pid: i32, database_oid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let proc = unsafe { pg_sys::BackendPidGetProc(pid) };
+    !proc.is_null() && unsafe { (*proc).isBackgroundWorker && (*proc).databaseId.to_u32() == database_oid }
 }
 
 /// Finds (or claims) the slot of the worker for `database_oid`, keeping earlier figures. Once
@@ -223,13 +228,17 @@ pub fn claim_slot(database_oid: u32, database: &str) -> Claim {
         .iter()
         .position(|s| s.in_use && s.database_oid == database_oid)
         .or_else(|| slots.iter().position(|s| !s.in_use))
-        .or_else(|| (0..slots.len()).filter(|&i| !running(slots[i].pid)).min_by_key(|&i| slots[i].started_at))
+        .or_else(|| {
+            (0..slots.len())
+                .filter(|&i| !running(slots[i].pid, slots[i].database_oid))
+                .min_by_key(|&i| slots[i].started_at)
+        })
     else {
         return Claim::NoFreeSlot;
     };
     let slot = &mut registry.slots[index];
     let me = unsafe { pg_sys::MyProcPid };
-    if slot.in_use && slot.database_oid == database_oid && slot.pid != me && running(slot.pid) {
+    if slot.in_use && slot.database_oid == database_oid && slot.pid != me && running(slot.pid, database_oid) {
         return Claim::Forwarded(slot.pid);
     }
     if !slot.in_use || slot.database_oid != database_oid {
@@ -247,7 +256,11 @@ pub fn claim_slot(database_oid: u32, database: &str) -> Claim {
 /// launcher finds the workers its predecessor started.
 pub fn running_worker(database: &str) -> Option<i32> {
     let registry = REGISTRY.share();
-    registry.slots.iter().find(|s| s.in_use && s.database() == database && running(s.pid)).map(|s| s.pid)
+    registry
+        .slots
+        .iter()
+        .find(|s| s.in_use && s.database() == database && running(s.pid, s.database_oid))
+        .map(|s| s.pid)
 }
 
 /// Whether the last worker of `database` left on purpose (then it is restarted without backoff).

@@ -23,12 +23,18 @@ pub const SLOTS: i16 = 4;
 /// of 300 bytes): at a high rate, the interval alone would let a slot grow with the rate.
 const ROTATION_BYTES: i64 = 16 * 1024 * 1024;
 
-/// Forgets a cancel request (pg_cancel_backend) that reached the worker outside a transaction:
-/// idle, or sending to the broker, it runs no statement to cancel, as a session idle between
-/// statements does not. Left pending, the next CHECK_FOR_INTERRUPTS would end the worker with an
-/// ERROR, and the batch in flight would be sent again by the next one. A cancel that arrives
-/// during a transaction cancels its statement (a wait for a lock, say), as for any session.
-pub fn discard_cancel_request() {
+/// Cancel requests (pg_cancel_backend) reach the worker only inside its transactions. Between
+/// them (asleep on its latch, or sending to Kafka) it runs no statement to cancel, as a session
+/// idle between statements does not; yet every CHECK_FOR_INTERRUPTS there (each log line runs one)
+/// would end the worker with an ERROR, and the batch in flight would be sent again by the next
+/// one. So cancels are held off outside transactions, as Postgres holds them off while it reads
+/// a client's message, and one that came meanwhile is dropped when the next transaction begins.
+/// Called once, as the worker starts.
+pub fn hold_cancels_between_transactions() {
+    unsafe { pg_sys::QueryCancelHoldoffCount += 1 };
+}
+
+fn drop_cancel_request_held_between_transactions() {
     unsafe {
         if std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0 {
             std::ptr::write_volatile(&raw mut pg_sys::QueryCancelPending, 0);
@@ -42,8 +48,13 @@ pub fn discard_cancel_request() {
 /// them) ends the worker process (exit code 1, never a crash); the launcher starts it again with
 /// backoff.
 pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
-    discard_cancel_request();
+    drop_cancel_request_held_between_transactions();
+    // Inside, a cancel (or a lock_timeout, which Postgres delivers as one) cancels the statement.
+    let held = unsafe { pg_sys::QueryCancelHoldoffCount } > 0;
     unsafe {
+        if held {
+            pg_sys::QueryCancelHoldoffCount -= 1;
+        }
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         if repeatable_read {
@@ -55,6 +66,9 @@ pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
     unsafe {
         pg_sys::PopActiveSnapshot();
         pg_sys::CommitTransactionCommand();
+        if held {
+            pg_sys::QueryCancelHoldoffCount += 1;
+        }
     }
     result
 }

@@ -53,7 +53,6 @@ fn wait(timeout: Duration) -> Wake {
         let rc = unsafe {
             let rc = pg_sys::WaitLatch(pg_sys::MyLatch, flags as i32, millis, pg_sys::PG_WAIT_EXTENSION);
             pg_sys::ResetLatch(pg_sys::MyLatch);
-            store::discard_cancel_request();
             pg_sys::check_for_interrupts!();
             rc
         };
@@ -822,6 +821,7 @@ unsafe extern "C-unwind" fn on_worker_exit(_code: i32, arg: pg_sys::Datum) {
 #[no_mangle]
 pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    store::hold_cancels_between_transactions();
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // The worker's own commits (the watermark, held and dead messages, rotation) do not wait for

@@ -395,10 +395,10 @@ impl KafkaSink {
         let producer: ThreadedProducer<Reports> = client_config
             .create_with_context(Reports::for_cluster(&config))
             .map_err(|e| format!("cannot create Kafka producer: {}", without_values(&e)))?;
-        // The admin client's log is not read (rdkafka's admin client polls another queue than
-        // the one its log goes to), so it is asked for none: its lines would pile up there for
-        // as long as it lives. (Those of its creation, before rdkafka sets the level, stay there:
-        // a few, until it is destroyed.) What it would say, the producer of the cluster says.
+        // Nothing reads the admin client's main queue (rdkafka's admin client polls another one),
+        // where its log lines go, so it is asked for none: they would pile up there for as long
+        // as it lives. (Those of its creation, before rdkafka sets the level, go with the error
+        // events: `discard_admin_events`.) What it would say, the producer of the cluster says.
         let admin: AdminClient<DefaultClientContext> = client_config
             .clone()
             .set_log_level(RDKafkaLogLevel::Emerg)
@@ -532,11 +532,31 @@ impl KafkaSink {
         with_cause(what, self.producer.context().filed().cause(Instant::now()))
     }
 
+    /// Drops what waits in the admin client's main queue, which nothing reads: librdkafka puts
+    /// an error event there for every connection to a broker that fails (the same error at most
+    /// twice in 30 s), whatever the client asked for, and they would pile up for as long as the
+    /// admin client lives (an idle worker's, through a long outage, one per metadata refresh).
+    /// Done whenever the sink is used, it keeps them to what came since.
+    fn discard_admin_events(&self) {
+        unsafe {
+            let queue = rdkafka_sys::rd_kafka_queue_get_main(self.admin.inner().native_ptr());
+            loop {
+                let event = rdkafka_sys::rd_kafka_queue_poll(queue, 0);
+                if event.is_null() {
+                    break;
+                }
+                rdkafka_sys::rd_kafka_event_destroy(event);
+            }
+            rdkafka_sys::rd_kafka_queue_destroy(queue);
+        }
+    }
+
     /// Creates `topic`, waiting for the answer in slices of a second, up to 5 s in all, so that
     /// `should_stop` is heard meanwhile. Left to itself, the admin client waits for an answer as
     /// long as `socket.timeout.ms` (60 s) on a connection that went silent (a firewall that
     /// forgot it), and the worker would not hear a SIGTERM or a DROP DATABASE for that long.
     fn create_topic(&self, topic: &str, should_stop: &dyn Fn() -> bool) -> Result<(), BatchError> {
+        self.discard_admin_events();
         const SLICE: Duration = Duration::from_secs(1);
         const LIMIT: Duration = Duration::from_secs(5);
         let replication = TopicReplication::Fixed(self.config.topic_replication_factor);
@@ -590,6 +610,7 @@ impl KafkaSink {
         message_ids: &MessageIds,
         should_stop: &dyn Fn() -> bool,
     ) -> Result<InFlight, BatchError> {
+        self.discard_admin_events();
         self.ensure_topics(messages.iter().map(|m| m.topic.as_str()), should_stop)?;
         let since = Instant::now();
         let batch = {
@@ -936,6 +957,38 @@ mod tests {
             (acme, "acme.kafka.example:9092/bootstrap: SASL authentication error"),
             "a secret that is part of the brokers' names, which every message shows, is left"
         );
+    }
+
+    /// What waits unread in the admin client's main queue.
+    fn unread_by_the_admin_client(sink: &KafkaSink) -> i32 {
+        unsafe {
+            let queue = rdkafka_sys::rd_kafka_queue_get_main(sink.admin.inner().native_ptr());
+            let length = rdkafka_sys::rd_kafka_queue_length(queue);
+            rdkafka_sys::rd_kafka_queue_destroy(queue);
+            length as i32
+        }
+    }
+
+    #[test]
+    fn the_admin_clients_error_events_are_dropped_when_the_sink_is_used_again() {
+        let sink = KafkaSink::new(SinkConfig {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            properties: vec![("reconnect.backoff.max.ms".into(), "100".into())],
+            create_topics: true,
+            topic_partitions: 1,
+            topic_replication_factor: -1,
+        })
+        .expect("a sink for a port nobody listens on");
+        // Each try connects, is refused, and waits 5 s for an answer.
+        let tried = sink.create_topic("never-created", &|| false);
+        assert!(matches!(tried, Err(BatchError::Unavailable(_))), "{tried:?}");
+        let unread = unread_by_the_admin_client(&sink);
+        assert!(unread > 0, "librdkafka queues the refusals for nobody");
+        // The next try drops them; its own refusals are the same error, which librdkafka does
+        // not say again within 30 s.
+        let tried = sink.create_topic("never-created", &|| false);
+        assert!(matches!(tried, Err(BatchError::Unavailable(_))), "{tried:?}");
+        assert_eq!(unread_by_the_admin_client(&sink), 0, "{unread} before");
     }
 
     #[test]

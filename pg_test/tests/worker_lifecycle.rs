@@ -94,8 +94,12 @@ fn replaced(c: &Cluster, backend_type: &str, old: i32, within: Duration) -> i32 
 #[test]
 fn a_cancel_request_to_the_worker_cancels_the_statement_it_waits_in_and_nothing_when_it_runs_none() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();
-    let c = Cluster::start(&bootstrap, "");
+    // Asleep for a minute at a time: the cancel does not land in a poll's transaction.
+    let c = Cluster::start(&bootstrap, "pg_outbox.poll_interval = '1min'");
     let pid = c.worker_pid(WAIT).unwrap();
+    wait_for("the worker to be idle", WAIT, || {
+        c.client().query_one("SELECT state FROM outbox.worker_status", &[]).unwrap().get::<_, String>(0) == "idle"
+    });
     c.client().execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(pids_of(&c, "pg_outbox worker"), vec![pid], "an idle worker goes on");
@@ -120,6 +124,33 @@ fn a_cancel_request_to_the_worker_cancels_the_statement_it_waits_in_and_nothing_
     holder.batch_execute("COMMIT").unwrap();
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
     assert_eq!(c.worker_pid(WAIT), Some(new_pid));
+}
+
+/// While a batch waits for its acknowledgements the worker is in no transaction, but it logs
+/// (librdkafka's lines, the outage), and each log line looks for interrupts.
+#[test]
+fn a_cancel_request_while_a_batch_waits_for_a_broker_that_went_silent_changes_nothing() {
+    let (proxy, _broker) = SilencingProxy::with_broker();
+    let bootstrap = proxy.bootstrap();
+    // The batch waits on its silent connection until librdkafka gives it up (socket.timeout.ms)
+    // and sends it again: after the worker reported the outage, at 10 s.
+    let c = Cluster::start(&bootstrap, "pg_outbox.kafka_properties = 'socket.timeout.ms=15000'");
+    let topic = unique("cancelled-while-waiting");
+    enqueue_numbers(&c, &topic, 0..3);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), numbers(0..3));
+    let pid = c.worker_pid(WAIT).unwrap();
+    proxy.silence_open_connections();
+    enqueue_numbers(&c, &topic, 3..6);
+    wait_for("the batch to wait for the broker", WAIT, || {
+        c.client().query_one("SELECT in_flight FROM outbox.worker_status", &[]).unwrap().get::<_, i32>(0) > 0
+    });
+    c.client().execute("SELECT pg_cancel_backend($1)", &[&pid]).unwrap();
+    let records = read_topic(&bootstrap, &topic, 6, Duration::from_secs(45));
+    assert_eq!(payloads(&records), numbers(0..6));
+    assert_eq!(c.worker_pid(WAIT), Some(pid), "the same worker delivered them");
+    let log = c.log();
+    assert_eq!(log.matches("Kafka is unavailable").count(), 1, "logged after the cancel:\n{log}");
+    assert!(!log.contains("canceling statement"), "{log}");
 }
 
 #[test]

@@ -29,9 +29,10 @@ const ROTATION_BYTES: i64 = 16 * 1024 * 1024;
 /// would end the worker with an ERROR, and the batch in flight would be sent again by the next
 /// one. So cancels are held off outside transactions, as Postgres holds them off while it reads
 /// a client's message, and one that came meanwhile is dropped when the next transaction begins.
-/// Called once, as the worker starts.
+/// Called once the worker is connected (while it connects, a cancel or a lock_timeout may end
+/// it, as a session that has not started yet).
 pub fn hold_cancels_between_transactions() {
-    unsafe { pg_sys::QueryCancelHoldoffCount += 1 };
+    unsafe { pg_sys::QueryCancelHoldoffCount = 1 };
 }
 
 fn drop_cancel_request_held_between_transactions() {
@@ -50,11 +51,9 @@ fn drop_cancel_request_held_between_transactions() {
 pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
     drop_cancel_request_held_between_transactions();
     // Inside, a cancel (or a lock_timeout, which Postgres delivers as one) cancels the statement.
-    let held = unsafe { pg_sys::QueryCancelHoldoffCount } > 0;
+    // Set, not counted: an ERROR resets the count.
     unsafe {
-        if held {
-            pg_sys::QueryCancelHoldoffCount -= 1;
-        }
+        pg_sys::QueryCancelHoldoffCount = 0;
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         if repeatable_read {
@@ -66,10 +65,8 @@ pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
     unsafe {
         pg_sys::PopActiveSnapshot();
         pg_sys::CommitTransactionCommand();
-        if held {
-            pg_sys::QueryCancelHoldoffCount += 1;
-        }
     }
+    hold_cancels_between_transactions();
     result
 }
 

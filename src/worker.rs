@@ -821,9 +821,9 @@ unsafe extern "C-unwind" fn on_worker_exit(_code: i32, arg: pg_sys::Datum) {
 #[no_mangle]
 pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    store::hold_cancels_between_transactions();
     let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    store::hold_cancels_between_transactions();
     // The worker's own commits (the watermark, held and dead messages, rotation) do not wait for
     // their WAL flush; store::flush_recorded() flushes before a send only when a crash could
     // otherwise resend more than pg_outbox.batch_size messages. WAL is flushed in order: no later

@@ -959,6 +959,17 @@ mod tests {
         );
     }
 
+    /// A sink for a port nobody listens on, with `properties`.
+    fn sink_for_a_closed_port(properties: &[(&str, &str)], create_topics: bool) -> Result<KafkaSink, String> {
+        KafkaSink::new(SinkConfig {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            properties: properties.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            create_topics,
+            topic_partitions: 1,
+            topic_replication_factor: -1,
+        })
+    }
+
     /// What waits unread in the admin client's main queue.
     fn unread_by_the_admin_client(sink: &KafkaSink) -> i32 {
         unsafe {
@@ -971,14 +982,8 @@ mod tests {
 
     #[test]
     fn the_admin_clients_error_events_are_dropped_when_the_sink_is_used_again() {
-        let sink = KafkaSink::new(SinkConfig {
-            bootstrap_servers: "127.0.0.1:1".into(),
-            properties: vec![("reconnect.backoff.max.ms".into(), "100".into())],
-            create_topics: true,
-            topic_partitions: 1,
-            topic_replication_factor: -1,
-        })
-        .expect("a sink for a port nobody listens on");
+        let sink = sink_for_a_closed_port(&[("reconnect.backoff.max.ms", "100")], true)
+            .expect("a sink for a port nobody listens on");
         // Each try connects, is refused, and waits 5 s for an answer.
         let tried = sink.create_topic("never-created", &|| false);
         assert!(matches!(tried, Err(BatchError::Unavailable(_))), "{tried:?}");
@@ -993,15 +998,9 @@ mod tests {
 
     #[test]
     fn a_bad_property_value_is_not_repeated_in_the_error() {
-        let err = KafkaSink::new(SinkConfig {
-            bootstrap_servers: "127.0.0.1:1".into(),
-            properties: vec![("security.protocol".into(), "hunter2-secret".into())],
-            create_topics: false,
-            topic_partitions: 1,
-            topic_replication_factor: -1,
-        })
-        .err()
-        .expect("librdkafka rejects the value");
+        let err = sink_for_a_closed_port(&[("security.protocol", "hunter2-secret")], false)
+            .err()
+            .expect("librdkafka rejects the value");
         assert!(err.contains("security.protocol"), "{err}");
         assert!(!err.contains("hunter2-secret"), "{err}");
     }
@@ -1070,16 +1069,9 @@ mod tests {
 
     #[test]
     fn properties_librdkafka_refuses_only_together_fail_at_creation_with_librdkafkas_reason() {
-        let err = KafkaSink::new(SinkConfig {
-            bootstrap_servers: "127.0.0.1:1".into(),
-            // Valid alone; not beside the idempotence the worker asks for.
-            properties: vec![("acks".into(), "1".into())],
-            create_topics: false,
-            topic_partitions: 1,
-            topic_replication_factor: -1,
-        })
-        .err()
-        .expect("librdkafka refuses acks=1 with idempotence");
+        // Valid alone; not beside the idempotence the worker asks for.
+        let err =
+            sink_for_a_closed_port(&[("acks", "1")], false).err().expect("librdkafka refuses acks=1 with idempotence");
         assert!(err.starts_with("cannot create Kafka producer: ") && err.contains("acks"), "{err}");
     }
 }

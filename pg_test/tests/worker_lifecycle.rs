@@ -149,7 +149,7 @@ fn a_cancel_request_while_a_batch_waits_for_a_broker_that_went_silent_changes_no
     assert_eq!(payloads(&records), numbers(0..6));
     assert_eq!(c.worker_pid(WAIT), Some(pid), "the same worker delivered them");
     let log = c.log();
-    assert_eq!(log.matches("Kafka is unavailable").count(), 1, "logged after the cancel:\n{log}");
+    assert!(log.contains("Kafka is unavailable"), "logged after the cancel:\n{log}");
     assert!(!log.contains("canceling statement"), "{log}");
 }
 

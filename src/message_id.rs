@@ -90,12 +90,12 @@ unsafe fn check_timeline(sequence: Oid, timeline: u32) {
     if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
         pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), Datum::from(0));
     }
-    if as_owner_of(record, recorded_timeline) != timeline {
+    if as_owner_of(record, || recorded_timeline(record)) != timeline {
         // One session at a time looks and moves, so the sequence moves once. nextval's own lock
         // (RowExclusiveLock) does not conflict with this one: sessions that checked go on.
         let lock = pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE;
         pg_sys::LockRelationOid(sequence, lock);
-        as_owner_of(record, || move_for(timeline));
+        as_owner_of(record, || move_for(record, timeline));
         pg_sys::UnlockRelationOid(sequence, lock);
     }
     RECORD.with(|r| r.set(record));
@@ -107,14 +107,14 @@ unsafe fn check_timeline(sequence: Oid, timeline: u32) {
 /// needs only USAGE on the ids' sequence). An ERROR on the way restores the caller's identity
 /// with the (sub)transaction's abort.
 unsafe fn as_owner_of<R>(relation: Oid, f: impl FnOnce() -> R) -> R {
-    let owner = Spi::get_one_with_args::<Oid>(
-        "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
-        &[relation.into()],
-    );
-    let owner = match owner {
-        Ok(Some(owner)) => owner,
-        other => timeline_error(format!("the owner of outbox.message_id_timeline was not found ({other:?})")),
-    };
+    let reloid = pg_sys::SysCacheIdentifier::RELOID as i32;
+    let class = pg_sys::SearchSysCache1(reloid, Datum::from(relation));
+    if class.is_null() {
+        timeline_error("the owner of outbox.message_id_timeline was not found".to_string());
+    }
+    let data = (*class).t_data;
+    let owner = (*((data as *mut u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class)).relowner;
+    pg_sys::ReleaseSysCache(class);
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
     pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
@@ -123,22 +123,20 @@ unsafe fn as_owner_of<R>(relation: Oid, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// The timeline ids were last given on; 0 before any was recorded (the extension was just
-/// created or updated to 0.8.0).
-fn recorded_timeline() -> u32 {
-    let recorded =
-        guc::with_catalog_search_path(|| Spi::get_one::<i64>("SELECT last_value FROM outbox.message_id_timeline"));
-    match recorded {
-        Ok(Some(timeline)) => u32::try_from(timeline).unwrap_or(0),
-        Ok(None) => 0,
-        Err(e) => timeline_error(format!("outbox.message_id_timeline could not be read: {e}")),
-    }
+/// The timeline ids were last given on, in `record`; 0 before any was recorded (the extension
+/// was just created or updated to 0.8.0: the sequence was never set, and has no last value).
+/// Read without a query, as the owner reads it (its privileges are checked): every session
+/// reads it before its first id, and a session's first query through SPI cost more than the
+/// rest of its first enqueue_message.
+unsafe fn recorded_timeline(record: Oid) -> u32 {
+    let last_value = pgrx::direct_function_call::<i64>(pg_sys::pg_sequence_last_value, &[Some(Datum::from(record))]);
+    last_value.and_then(|timeline| u32::try_from(timeline).ok()).unwrap_or(0)
 }
 
 /// Moves the ids' sequence ahead for `timeline`, unless another session did meanwhile, and
 /// records it. Nothing moves while none was recorded: the ids are this timeline's own.
-fn move_for(timeline: u32) {
-    let recorded = recorded_timeline();
+unsafe fn move_for(record: Oid, timeline: u32) {
+    let recorded = recorded_timeline(record);
     if recorded == timeline {
         return;
     }

@@ -24,8 +24,13 @@ use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
+use crate::message_id;
 use crate::store::SLOTS;
-use crate::{guc, message_id};
+
+unsafe extern "C-unwind" {
+    // catalog/partition.h, which pgrx does not bind.
+    fn get_partition_parent(relid: Oid, even_if_detached: bool) -> Oid;
+}
 
 /// The values of one message row, as `enqueue_message` received them (NULL is `None`).
 pub struct MessageRow {
@@ -213,7 +218,8 @@ unsafe fn inspect(slot: i16) -> Slot {
     }
     let relid = relation_in(namespace, &format!("messages_{slot}"));
     let sequence = relation_in(namespace, "message_id_seq");
-    if relid == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
+    let messages = relation_in(namespace, "messages");
+    if relid == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid || messages == pg_sys::InvalidOid {
         return Slot::ThroughInsert;
     }
     // Watched before anything is looked at: opening the partition and its indexes takes locks,
@@ -225,7 +231,7 @@ unsafe fn inspect(slot: i16) -> Slot {
     if rel.is_null() {
         return Slot::ThroughInsert;
     }
-    let found = inspect_open(rel, slot, sequence);
+    let found = inspect_open(rel, slot, Outbox { namespace, messages, sequence });
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     if let Slot::Direct(table) = &found {
         watch(table.indexes[..table.index_count].iter().copied());
@@ -240,7 +246,16 @@ unsafe fn relation_in(namespace: Oid, name: &str) -> Oid {
     }
 }
 
-unsafe fn inspect_open(rel: pg_sys::Relation, slot_number: i16, sequence: Oid) -> Slot {
+/// The objects of the extension a slot's partition is compared with.
+#[derive(Clone, Copy)]
+struct Outbox {
+    namespace: Oid,
+    messages: Oid,
+    sequence: Oid,
+}
+
+unsafe fn inspect_open(rel: pg_sys::Relation, slot_number: i16, outbox: Outbox) -> Slot {
+    let sequence = outbox.sequence;
     let class = &*(*rel).rd_rel;
     let plain_table = class.relkind as u8 == pg_sys::RELKIND_RELATION
         && class.relispartition
@@ -248,7 +263,7 @@ unsafe fn inspect_open(rel: pg_sys::Relation, slot_number: i16, sequence: Oid) -
         && (*rel).rd_rules.is_null()
         && (*rel).trigdesc.is_null()
         && !class.relrowsecurity;
-    if !plain_table || !is_slot_partition((*rel).rd_id, slot_number) {
+    if !plain_table || !is_slot_partition(rel, slot_number, outbox.messages) {
         return Slot::ThroughInsert;
     }
     let desc = (*rel).rd_att;
@@ -301,7 +316,8 @@ unsafe fn inspect_open(rel: pg_sys::Relation, slot_number: i16, sequence: Oid) -
     // The id's is `outbox._next_message_id(sequence)` from SQL 0.8.0 on, nextval before: ids
     // written here are the function's either way.
     let id_default = default_calls(constr, id + 1, pg_sys::F_NEXTVAL, Some(sequence))
-        || next_message_id_function().is_some_and(|f| default_calls(constr, id + 1, f.to_u32(), Some(sequence)));
+        || next_message_id_function(outbox.namespace)
+            .is_some_and(|f| default_calls(constr, id + 1, f.to_u32(), Some(sequence)));
     let defaults_as_written = id_default
         && default_calls(constr, txid + 1, pg_sys::F_PG_CURRENT_XACT_ID, None)
         && default_calls(constr, enqueued_at + 1, pg_sys::F_NOW, None);
@@ -368,29 +384,60 @@ unsafe fn default_calls(constr: *mut pg_sys::TupleConstr, attnum: usize, funcid:
     }
 }
 
+// Both looked up in the catalog caches, not with a query: a session's first statement through
+// SPI (parsed, planned, pg_get_expr deparsing the bound) cost more than the rest of its first
+// enqueue_message, and sessions that connect for one transaction pay it every time.
+
 /// `outbox._next_message_id(regclass)`, if the extension's SQL objects have it (0.8.0 on).
-fn next_message_id_function() -> Option<Oid> {
-    guc::with_catalog_search_path(|| {
-        Spi::get_one::<Oid>(
-            "SELECT pg_catalog.to_regprocedure('outbox._next_message_id(pg_catalog.regclass)')::pg_catalog.oid",
-        )
-    })
-    .ok()
-    .flatten()
+unsafe fn next_message_id_function(namespace: Oid) -> Option<Oid> {
+    let argument_types = pg_sys::buildoidvector([pg_sys::REGCLASSOID].as_ptr(), 1);
+    let function = pg_sys::GetSysCacheOid(
+        pg_sys::SysCacheIdentifier::PROCNAMEARGSNSP as i32,
+        pg_sys::Anum_pg_proc_oid as pg_sys::AttrNumber,
+        Datum::from(c"_next_message_id".as_ptr()),
+        Datum::from(argument_types),
+        Datum::from(namespace),
+        Datum::from(0),
+    );
+    Some(function).filter(|&f| f != pg_sys::InvalidOid)
 }
 
-/// Whether `relid` is a partition of outbox.messages holding exactly the rows of slot `slot`.
-unsafe fn is_slot_partition(relid: Oid, slot: i16) -> bool {
-    let bound = guc::with_catalog_search_path(|| {
-        Spi::get_one_with_args::<String>(
-            "SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) FROM pg_catalog.pg_class c
-             JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) c.oid
-             WHERE c.oid OPERATOR(pg_catalog.=) $1
-               AND i.inhparent OPERATOR(pg_catalog.=) 'outbox.messages'::pg_catalog.regclass",
-            &[relid.into()],
-        )
-    });
-    matches!(bound, Ok(Some(bound)) if bound == format!("FOR VALUES IN ('{slot}')"))
+/// Whether `rel`, a partition, is one of outbox.messages (`messages`) holding exactly the rows
+/// of slot `slot`: its bound is `FOR VALUES IN ('slot')`.
+unsafe fn is_slot_partition(rel: pg_sys::Relation, slot: i16, messages: Oid) -> bool {
+    let relid = (*rel).rd_id;
+    if pg_sys::ffi::pg_guard_ffi_boundary(|| get_partition_parent(relid, true)) != messages {
+        return false;
+    }
+    let reloid = pg_sys::SysCacheIdentifier::RELOID as i32;
+    let class = pg_sys::SearchSysCache1(reloid, Datum::from(relid));
+    if class.is_null() {
+        return false;
+    }
+    let mut no_bound = true;
+    let bound = pg_sys::SysCacheGetAttr(reloid, class, pg_sys::Anum_pg_class_relpartbound as _, &mut no_bound);
+    let spec = match no_bound {
+        true => std::ptr::null_mut(),
+        false => pg_sys::stringToNode(pg_sys::text_to_cstring(bound.cast_mut_ptr())) as *mut pg_sys::PartitionBoundSpec,
+    };
+    pg_sys::ReleaseSysCache(class);
+    if spec.is_null()
+        || (*spec).type_ != pg_sys::NodeTag::T_PartitionBoundSpec
+        || (*spec).strategy as u8 != pg_sys::PARTITION_STRATEGY_LIST
+        || (*spec).is_default
+    {
+        return false;
+    }
+    let values = (*spec).listdatums;
+    if values.is_null() || (*values).length != 1 {
+        return false;
+    }
+    let value = pg_sys::list_nth(values, 0) as *mut pg_sys::Node;
+    if value.is_null() || (*value).type_ != pg_sys::NodeTag::T_Const {
+        return false;
+    }
+    let value = value as *mut pg_sys::Const;
+    (*value).consttype == pg_sys::INT2OID && !(*value).constisnull && (*value).constvalue.value() as i16 == slot
 }
 
 /// Forms the row and writes it and its index entries (`rel` is open and locked).

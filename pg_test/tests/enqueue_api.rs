@@ -213,6 +213,31 @@ fn enqueue_message_writes_its_row_without_running_an_insert_unless_the_slot_need
     assert!(c.log().contains("INSERT INTO outbox.messages_"), "{}", c.log());
 }
 
+/// A table named as the slot's partition but holding another slot's rows (the bounds of two
+/// partitions swapped): enqueue_message does not write the row there itself, which would break
+/// the partition's bound; the INSERT it leaves it to is refused as any such INSERT is.
+#[test]
+fn a_slot_whose_partition_holds_another_slots_rows_is_refused_not_written_across_its_bound() {
+    let c = cluster();
+    let mut db = c.client();
+    let slot: i16 = db.query_one("SELECT current_slot FROM outbox.worker_state", &[]).unwrap().get(0);
+    let other = (slot + 1) % 4;
+    db.batch_execute(&format!(
+        "ALTER TABLE outbox.messages DETACH PARTITION outbox.messages_{slot};
+         ALTER TABLE outbox.messages DETACH PARTITION outbox.messages_{other};
+         ALTER TABLE outbox.messages ATTACH PARTITION outbox.messages_{slot} FOR VALUES IN ({other});
+         ALTER TABLE outbox.messages ATTACH PARTITION outbox.messages_{other} FOR VALUES IN ({slot});"
+    ))
+    .unwrap();
+    db.batch_execute(
+        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on",
+    )
+    .unwrap();
+    assert_eq!(refused(&mut db, "SELECT outbox.enqueue_message('swapped', '{}'::jsonb)"), "23514", "check_violation");
+    assert!(c.log().contains("INSERT INTO outbox.messages_"), "{}", c.log());
+    assert_eq!(message_rows(&mut db), 0);
+}
+
 #[test]
 fn the_timeline_of_the_ids_is_recorded_by_a_session_again_after_it_recreates_the_extension() {
     let c = cluster();

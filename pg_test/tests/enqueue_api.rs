@@ -220,7 +220,8 @@ fn enqueue_message_writes_its_row_without_running_an_insert_unless_the_slot_need
 fn a_slot_whose_partition_holds_another_slots_rows_is_refused_not_written_across_its_bound() {
     let c = cluster();
     let mut db = c.client();
-    let slot: i16 = db.query_one("SELECT current_slot FROM outbox.worker_state", &[]).unwrap().get(0);
+    // The slot enqueue_message writes to (rotation waits a minute at least).
+    let slot: i16 = db.query_one("SELECT outbox._current_slot()", &[]).unwrap().get(0);
     let other = (slot + 1) % 4;
     db.batch_execute(&format!(
         "ALTER TABLE outbox.messages DETACH PARTITION outbox.messages_{slot};
@@ -229,12 +230,8 @@ fn a_slot_whose_partition_holds_another_slots_rows_is_refused_not_written_across
          ALTER TABLE outbox.messages ATTACH PARTITION outbox.messages_{other} FOR VALUES IN ({slot});"
     ))
     .unwrap();
-    db.batch_execute(
-        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on",
-    )
-    .unwrap();
+    // A direct write would have succeeded; the INSERT checks the partition's bound.
     assert_eq!(refused(&mut db, "SELECT outbox.enqueue_message('swapped', '{}'::jsonb)"), "23514", "check_violation");
-    assert!(c.log().contains("INSERT INTO outbox.messages_"), "{}", c.log());
     assert_eq!(message_rows(&mut db), 0);
 }
 

@@ -57,8 +57,7 @@ fn existing_databases() -> Vec<String> {
             if tuple.is_null() {
                 break;
             }
-            let data = (*tuple).t_data;
-            let form = (data as *mut u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_database;
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
             if (*form).datallowconn {
                 names.push(CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned());
             }

@@ -112,8 +112,7 @@ unsafe fn as_owner_of<R>(relation: Oid, f: impl FnOnce() -> R) -> R {
     if class.is_null() {
         timeline_error("the owner of outbox.message_id_timeline was not found".to_string());
     }
-    let data = (*class).t_data;
-    let owner = (*((data as *mut u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class)).relowner;
+    let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(class)).relowner;
     pg_sys::ReleaseSysCache(class);
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     pg_sys::GetUserIdAndSecContext(&mut user, &mut context);

@@ -79,16 +79,15 @@ fn pids_of(c: &Cluster, backend_type: &str) -> Vec<i32> {
 
 /// Waits until the one process of `backend_type` is another than `old`, and returns it.
 fn replaced(c: &Cluster, backend_type: &str, old: i32, within: Duration) -> i32 {
-    let deadline = Instant::now() + within;
-    loop {
-        if let [pid] = pids_of(c, backend_type)[..] {
-            if pid != old {
-                return pid;
-            }
+    let mut new = old;
+    wait_for(&format!("a new {backend_type}"), within, || match pids_of(c, backend_type)[..] {
+        [pid] if pid != old => {
+            new = pid;
+            true
         }
-        assert!(Instant::now() < deadline, "no new {backend_type} within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        _ => false,
+    });
+    new
 }
 
 #[test]

@@ -230,7 +230,7 @@ fn worker_status() -> TableIterator<
         name!(started_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let rows: Vec<_> = shmem::snapshot()
+    let mut rows: Vec<_> = shmem::snapshot()
         .into_iter()
         .map(|s| {
             (
@@ -250,5 +250,30 @@ fn worker_status() -> TableIterator<
             )
         })
         .collect();
+    // A database with the extension that no worker forwards would otherwise show no row at all,
+    // and its messages wait unexplained.
+    let current = unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
+    };
+    if let Some(current) = current.filter(|name| !guc::databases().contains(name)) {
+        if !rows.iter().any(|row| row.0 == current) {
+            rows.push((
+                current,
+                None,
+                shmem::NOT_LISTED.to_string(),
+                shmem::BrokerState::Unknown.as_str().to_string(),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                None,
+                None,
+                None,
+            ));
+        }
+    }
     TableIterator::new(rows)
 }

@@ -4,7 +4,7 @@
 //! error, or on SIGTERM; it is never restarted by the postmaster itself, so a dropped database
 //! does not turn into a restart loop. The launcher itself is: the workers go on meanwhile, and
 //! the next launcher leaves the ones running alone.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
@@ -97,10 +97,21 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut workers: HashMap<String, Tracked> = HashMap::new();
     let mut warned_no_slot = false;
+    // Listed databases found missing: said once each, and again should one go after it came.
+    let mut missing: HashSet<String> = HashSet::new();
     loop {
         let now = Instant::now();
         let existing = existing_databases();
         for database in guc::databases() {
+            if !existing.contains(&database) {
+                if missing.insert(database.clone()) {
+                    warning!(
+                        "pg_outbox: database \"{database}\" named in pg_outbox.database does not exist or does not allow connections; nothing is forwarded for it"
+                    );
+                }
+            } else if missing.remove(&database) {
+                log!("pg_outbox: database \"{database}\" named in pg_outbox.database now exists; its worker starts");
+            }
             let tracked = workers.entry(database.clone()).or_insert(Tracked {
                 handle: None,
                 started: now,

@@ -21,10 +21,20 @@ mod worker;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // Loaded by a session instead (CREATE EXTENSION, or a call, on a server started without it):
+    // Postgres would end the session (FATAL) at the first setting defined here, and without its
+    // shared memory and launcher nothing could be forwarded anyway.
+    if unsafe { !pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_outbox must be loaded at server start",
+            pgrx::function_name!(),
+        )
+        .set_hint("Add pg_outbox to shared_preload_libraries in postgresql.conf and restart the server.")
+        .report(PgLogLevel::ERROR);
+    }
     guc::init();
     log_redaction::init();
-    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
-        shmem::init();
-        launcher::register();
-    }
+    shmem::init();
+    launcher::register();
 }

@@ -26,6 +26,9 @@ pub enum WorkerState {
     Stopped,
 }
 
+/// What `worker_status` shows for the current database when `pg_outbox.database` does not name it.
+pub const NOT_LISTED: &str = "no worker: not in pg_outbox.database";
+
 impl WorkerState {
     pub fn as_str(self) -> &'static str {
         match self {

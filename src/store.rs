@@ -248,10 +248,11 @@ pub fn extension_version(client: &SpiClient) -> SpiResult<String> {
     )
 }
 
-/// True while another session waits to drop (or rename) this database: DROP DATABASE holds an
-/// AccessExclusiveLock on the database object while it waits for the database's backends to
-/// leave, so a worker that cannot take the weak lock every backend takes at connection time must
-/// leave now, or DROP DATABASE fails with "being accessed by other users". A session lock, taken
+/// True while another session waits to have this database to itself: DROP DATABASE, ALTER
+/// DATABASE's RENAME and SET TABLESPACE hold an AccessExclusiveLock on the database object, and a
+/// CREATE DATABASE copying it a ShareLock, while they wait for the database's backends to leave,
+/// so a worker that cannot take the weak lock every backend takes at connection time must leave
+/// now, or the command fails with "being accessed by other users". A session lock, taken
 /// and released at once: it is also asked outside any transaction, while a batch waits for the
 /// broker.
 pub fn database_drop_pending() -> bool {

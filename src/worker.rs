@@ -36,6 +36,9 @@ enum Wake {
     Timeout,
 }
 
+/// What the worker says when it leaves so that a command can have its database to itself.
+const LEAVING_FOR_A_DATABASE_COMMAND: &str = "pg_outbox: another session needs the database to itself (DROP DATABASE, ALTER DATABASE ... RENAME or SET TABLESPACE, or CREATE DATABASE ... TEMPLATE it), worker exits";
+
 /// How long the worker sleeps at most before it looks for a DROP DATABASE: DROP DATABASE waits
 /// 5 s for the database's sessions to leave, and on Postgres 15 nothing wakes a background worker
 /// for it, while a reconnect backoff or `pg_outbox.poll_interval` can be a minute.
@@ -539,7 +542,7 @@ impl Worker {
                 return Next::Sleep(poll_interval());
             }
             Work::DatabaseDropping => {
-                log!("pg_outbox: database is being dropped or renamed, worker exits");
+                log!("{LEAVING_FOR_A_DATABASE_COMMAND}");
                 return Next::Exit;
             }
             Work::Batch(batch) => batch,
@@ -613,7 +616,7 @@ impl Worker {
                 Ok(reports) => reports,
                 Err(BatchError::Interrupted) => {
                     if !stop_requested() {
-                        log!("pg_outbox: database is being dropped or renamed, worker exits");
+                        log!("{LEAVING_FOR_A_DATABASE_COMMAND}");
                     }
                     return Next::Exit;
                 }

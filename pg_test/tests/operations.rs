@@ -616,6 +616,66 @@ fn each_database_has_its_own_worker_and_row_in_worker_status() {
     assert!(rows.iter().all(|r| r.get::<_, Option<i32>>(1).is_some()));
 }
 
+/// A name in pg_outbox.database that matches no database is said once in the server log, until
+/// the database is created; a database with the extension that no worker forwards says so in
+/// worker_status, instead of showing no row at all.
+#[test]
+fn a_listed_database_that_does_not_exist_is_warned_about_once_and_worker_status_says_no_worker_forwards_this_one() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    // The extension is created in "shop"; the setting names "Shop" (names are case-sensitive).
+    let c = Cluster::start(&bootstrap, "pg_outbox.database = 'Shop'");
+    let row = c.client().query_one("SELECT database, pid, state FROM outbox.worker_status", &[]).unwrap();
+    assert_eq!(row.get::<_, String>(0), "shop");
+    assert_eq!(row.get::<_, Option<i32>>(1), None);
+    assert_eq!(row.get::<_, String>(2), "no worker: not in pg_outbox.database");
+    let warning = "WARNING:  pg_outbox: database \"Shop\" named in pg_outbox.database does not exist or does not allow connections; nothing is forwarded for it";
+    wait_for("the launcher to warn about \"Shop\"", WAIT, || c.log().contains(warning));
+    // The launcher looks every second.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.log().matches(warning).count(), 1, "said once, not once a second");
+
+    c.client_for("postgres").batch_execute("CREATE DATABASE \"Shop\"").unwrap();
+    assert!(c.worker_pid_of("Shop", WAIT).is_some(), "the database, once created, gets its worker");
+    assert!(c
+        .log()
+        .contains("LOG:  pg_outbox: database \"Shop\" named in pg_outbox.database now exists; its worker starts"));
+    let mut shop = c.client_for("Shop");
+    shop.batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let topic = unique("listed-late");
+    shop.execute("SELECT outbox.enqueue_message($1, '\"x\"'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 1, WAIT)), vec!["\"x\""]);
+    let states: Vec<String> = shop
+        .query("SELECT state FROM outbox.worker_status WHERE database = current_database()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(states.len(), 1);
+    assert_ne!(states[0], "no worker: not in pg_outbox.database");
+}
+
+/// Without shared_preload_libraries the library cannot forward anything; loading it in a session
+/// used to end that session (FATAL: cannot create PGC_POSTMASTER variables after startup).
+#[test]
+fn create_extension_on_a_server_started_without_the_library_is_refused_with_how_to_fix_it() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_without_extension(&bootstrap, "shared_preload_libraries = ''");
+    let mut db = c.client();
+    for _ in 0..2 {
+        let err = db.batch_execute("CREATE EXTENSION pg_outbox").unwrap_err();
+        let e = err.as_db_error().expect("an ERROR, not a closed connection");
+        assert_eq!(e.code().code(), "55000");
+        assert_eq!(e.message(), "pg_outbox must be loaded at server start");
+        assert_eq!(
+            e.hint(),
+            Some("Add pg_outbox to shared_preload_libraries in postgresql.conf and restart the server.")
+        );
+    }
+    // The session goes on.
+    assert_eq!(db.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0), 1);
+    assert!(!c.log().contains("FATAL"), "{}", c.log());
+}
+
 #[test]
 fn payloads_keys_and_headers_arrive_as_utf8_whatever_the_database_encoding() {
     let bootstrap = BrokerKind::Kafka.shared_bootstrap();

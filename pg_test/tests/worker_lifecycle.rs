@@ -6,6 +6,8 @@ use pg_outbox_tests::proxy::SilencingProxy;
 use pg_outbox_tests::{payloads, read_topic, read_topic_settled, unique, wait_for, BrokerKind, Cluster, PrivateBroker};
 
 const WAIT: Duration = Duration::from_secs(30);
+/// What a worker logs when it leaves for a DROP DATABASE (or the like).
+const LEAVING: &str = "another session needs the database to itself";
 
 fn enqueue_numbers(c: &Cluster, topic: &str, range: std::ops::Range<i32>) {
     let mut db = c.client();
@@ -404,6 +406,50 @@ fn drop_database_is_not_blocked_and_other_databases_keep_forwarding() {
     assert!(c.worker_pid_of("scratch", WAIT).is_some());
 }
 
+/// ALTER DATABASE ... RENAME and CREATE DATABASE ... TEMPLATE need the database to themselves,
+/// as DROP DATABASE does: its worker leaves for them, within their 5 s wait.
+#[test]
+fn a_forwarded_database_can_be_renamed_and_copied_as_a_template() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_with_databases(&bootstrap, "", &["shop", "scratch"]);
+    let mut scratch = c.client_for("scratch");
+    scratch.batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let topic = unique("renamed-and-copied");
+    scratch.execute("SELECT outbox.pause_topic($1)", &[&topic]).unwrap();
+    for i in 0..3 {
+        scratch.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&topic, &i]).unwrap();
+    }
+    drop(scratch);
+    let mut postgres = c.client_for("postgres");
+    let first = c.worker_pid_of("scratch", WAIT).expect("a worker for scratch");
+
+    let started = Instant::now();
+    postgres.batch_execute("CREATE DATABASE scratch_copy TEMPLATE scratch").expect("CREATE DATABASE succeeds");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(c.log().contains(LEAVING));
+    let second = c.worker_pid_of("scratch", WAIT).expect("the worker comes back");
+    assert_ne!(first, second);
+    // The copy holds the outbox as it was, pending messages included, and no worker forwards it.
+    let mut copy = c.client_for("scratch_copy");
+    let pending: i64 = copy.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).unwrap().get(0);
+    assert_eq!(pending, 3);
+    let state: String = copy.query_one("SELECT state FROM outbox.worker_status WHERE pid IS NULL", &[]).unwrap().get(0);
+    assert_eq!(state, "no worker: not in pg_outbox.database");
+    // What the README says to run in such a copy before a worker forwards it.
+    copy.batch_execute("TRUNCATE outbox.messages, outbox.held_messages, outbox.dead_letters").unwrap();
+    let pending: i64 = copy.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).unwrap().get(0);
+    assert_eq!(pending, 0);
+
+    postgres.batch_execute("ALTER DATABASE scratch RENAME TO scratch_old").expect("RENAME succeeds");
+    wait_for("the launcher to say scratch is gone", WAIT, || {
+        c.log().contains("database \"scratch\" named in pg_outbox.database does not exist")
+    });
+    postgres.batch_execute("ALTER DATABASE scratch_old RENAME TO scratch").expect("RENAME back succeeds");
+    assert!(c.worker_pid_of("scratch", WAIT).is_some());
+    c.client_for("scratch").execute("SELECT outbox.resume_topic($1)", &[&topic]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), vec!["0", "1", "2"]);
+}
+
 #[test]
 fn drop_database_is_not_blocked_by_a_batch_waiting_for_a_broker_that_went_away() {
     let broker = PrivateBroker::start(BrokerKind::Kafka);
@@ -458,7 +504,7 @@ fn drop_scratch_while_its_worker_waits(c: &Cluster, mut scratch: postgres::Clien
     drop(scratch);
     // It succeeds only if the worker left within DROP DATABASE's own 5 s wait (else 55006).
     c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
-    assert!(c.log().contains("database is being dropped or renamed, worker exits"));
+    assert!(c.log().contains(LEAVING));
 }
 
 #[test]
@@ -481,7 +527,7 @@ fn drop_database_is_not_blocked_by_a_worker_sleeping_out_a_long_reconnect_backof
     let started = Instant::now();
     c.client_for("postgres").batch_execute("DROP DATABASE scratch").expect("DROP DATABASE succeeds");
     eprintln!("DROP DATABASE took {:?}", started.elapsed());
-    assert!(c.log().contains("database is being dropped or renamed, worker exits"));
+    assert!(c.log().contains(LEAVING));
 }
 
 #[test]

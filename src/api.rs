@@ -230,13 +230,17 @@ fn worker_status() -> TableIterator<
         name!(started_at, Option<TimestampWithTimeZone>),
     ),
 > {
+    let listed = guc::databases();
     let mut rows: Vec<_> = shmem::snapshot()
         .into_iter()
         .map(|s| {
+            let database = s.database();
+            // A worker that left because its database was taken off the list.
+            let state = if s.pid == 0 && !listed.contains(&database) { shmem::NOT_LISTED } else { s.state.as_str() };
             (
-                s.database(),
+                database,
                 (s.pid != 0).then_some(s.pid),
-                s.state.as_str().to_string(),
+                state.to_string(),
                 s.broker.as_str().to_string(),
                 s.batches,
                 s.delivered,
@@ -256,7 +260,7 @@ fn worker_status() -> TableIterator<
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
         (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
     };
-    if let Some(current) = current.filter(|name| !guc::databases().contains(name)) {
+    if let Some(current) = current.filter(|name| !listed.contains(name)) {
         if !rows.iter().any(|row| row.0 == current) {
             rows.push((
                 current,

@@ -25,9 +25,9 @@ pub fn init() {
     GucRegistry::define_string_guc(
         c"pg_outbox.database",
         c"Databases whose outbox is forwarded (comma-separated); one worker each.",
-        c"A worker waits quietly in a database until CREATE EXTENSION pg_outbox has run there.",
+        c"A worker waits quietly in a database until CREATE EXTENSION pg_outbox has run there. On reload, a database added gets its worker and one removed loses it.",
         &DATABASES,
-        GucContext::Postmaster,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(

@@ -43,8 +43,9 @@ struct Tracked {
     not_before: Instant,
 }
 
-/// Names of the databases that exist and accept connections. A heap scan of pg_database, as the
-/// autovacuum launcher does: with no database selected, the catalog's indexes cannot be used.
+/// Names of the databases that exist and accept connections (not left invalid by an interrupted
+/// DROP DATABASE). A heap scan of pg_database, as the autovacuum launcher does: with no database
+/// selected, the catalog's indexes cannot be used.
 fn existing_databases() -> Vec<String> {
     let mut names = Vec::new();
     unsafe {
@@ -58,7 +59,9 @@ fn existing_databases() -> Vec<String> {
                 break;
             }
             let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
-            if (*form).datallowconn {
+            // datconnlimit -2 (DATCONNLIMIT_INVALID_DB, from 15.4 on): a DROP DATABASE was
+            // interrupted, and connecting to what is left fails.
+            if (*form).datallowconn && (*form).datconnlimit != -2 {
                 names.push(CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned());
             }
         }
@@ -97,12 +100,15 @@ pub extern "C-unwind" fn pg_outbox_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut workers: HashMap<String, Tracked> = HashMap::new();
     let mut warned_no_slot = false;
-    // Listed databases found missing: said once each, and again should one go after it came.
+    // Listed databases found missing: said once each (per launcher), and again should one go after
+    // it came.
     let mut missing: HashSet<String> = HashSet::new();
     loop {
         let now = Instant::now();
         let existing = existing_databases();
-        for database in guc::databases() {
+        let listed = guc::databases();
+        missing.retain(|database| listed.contains(database));
+        for database in listed {
             if !existing.contains(&database) {
                 if missing.insert(database.clone()) {
                     warning!(

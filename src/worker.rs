@@ -894,6 +894,13 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            // The launcher starts workers only for the databases listed: one that is no longer
+            // stays stopped.
+            if !guc::databases().contains(&database) {
+                log!("pg_outbox: database \"{database}\" is no longer in pg_outbox.database, worker exits");
+                worker.write_counters();
+                break;
+            }
         }
         // As a backend does between transactions (it sends at most once a second): without it the
         // worker's writes to worker_state and topics never reach pg_stat_user_tables, and

@@ -616,6 +616,47 @@ fn each_database_has_its_own_worker_and_row_in_worker_status() {
     assert!(rows.iter().all(|r| r.get::<_, Option<i32>>(1).is_some()));
 }
 
+#[test]
+fn a_database_added_to_pg_outbox_database_on_reload_gets_a_worker_and_one_taken_off_loses_it() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start_with_databases(&bootstrap, "pg_outbox.database = 'shop'", &["shop", "billing"]);
+    let mut billing = c.client_for("billing");
+    billing.batch_execute("CREATE EXTENSION pg_outbox").unwrap();
+    let shop_worker = c.worker_pid_of("shop", WAIT).expect("shop's worker");
+    let topic = unique("listed-on-reload");
+    let enqueue = |db: &mut postgres::Client, i: i32| {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&topic, &i]).unwrap();
+    };
+    enqueue(&mut billing, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    let state: String =
+        billing.query_one("SELECT state FROM outbox.worker_status WHERE pid IS NULL", &[]).unwrap().get(0);
+    assert_eq!(state, "no worker: not in pg_outbox.database");
+
+    c.reconfigure("pg_outbox.database = 'shop, billing'");
+    let first = c.worker_pid_of("billing", WAIT).expect("billing gets a worker on reload");
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 1, WAIT)), vec!["1"]);
+
+    c.reconfigure("pg_outbox.database = 'shop'");
+    wait_for("billing's worker to leave", WAIT, || c.worker_pid_of("billing", Duration::ZERO).is_none());
+    assert!(c.log().contains("pg_outbox: database \"billing\" is no longer in pg_outbox.database, worker exits"));
+    let row = billing.query_one("SELECT pid, state FROM outbox.worker_status WHERE database = 'billing'", &[]).unwrap();
+    assert_eq!(row.get::<_, Option<i32>>(0), None);
+    assert_eq!(row.get::<_, String>(1), "no worker: not in pg_outbox.database");
+    // Not started again while it is off the list; its messages wait.
+    enqueue(&mut billing, 2);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.worker_pid_of("billing", Duration::ZERO), None);
+    let pending: i64 = billing.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).unwrap().get(0);
+    assert_eq!(pending, 1);
+    assert_eq!(c.worker_pid_of("shop", Duration::ZERO), Some(shop_worker), "shop's worker was left alone");
+
+    c.reconfigure("pg_outbox.database = 'shop, billing'");
+    let second = c.worker_pid_of("billing", WAIT).expect("billing's worker comes back");
+    assert_ne!(first, second);
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["1", "2"]);
+}
+
 /// A name in pg_outbox.database that matches no database is said once in the server log, until
 /// the database is created; a database with the extension that no worker forwards says so in
 /// worker_status, instead of showing no row at all.

@@ -835,6 +835,12 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     // The worker runs as the bootstrap superuser: a function or operator a database owner puts in
     // public (convert_from, say, with argument types that match better) must not be what it calls.
     worker_setting(c"search_path", c"pg_catalog, pg_temp");
+    // Settings of the database or the role (ALTER DATABASE shop SET ...) reach the worker too. A
+    // database made read-only for maintenance had it fail at its first write and restart, again
+    // and again, forwarding nothing; and its reads are built for read committed, a snapshot per
+    // statement.
+    worker_setting(c"default_transaction_read_only", c"off");
+    worker_setting(c"default_transaction_isolation", c"read committed");
     // Every statement of the worker is built to walk an index, and the statistics of the slot
     // partitions are always stale (insert-only, TRUNCATEd every few seconds), so the planner
     // cannot see how few rows are unsettled or that a backlog is read in id order. When it
@@ -887,6 +893,8 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         coalescing: Coalescing::new(),
     };
     log!("pg_outbox: worker started for database \"{database}\"");
+    // Started just as a reload took the database off the list, it got no SIGHUP for it.
+    let mut look_at_the_list = true;
     loop {
         if stop_requested() {
             worker.write_counters();
@@ -894,13 +902,14 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            // The launcher starts workers only for the databases listed: one that is no longer
-            // stays stopped.
-            if !guc::databases().contains(&database) {
-                log!("pg_outbox: database \"{database}\" is no longer in pg_outbox.database, worker exits");
-                worker.write_counters();
-                break;
-            }
+            look_at_the_list = true;
+        }
+        // The launcher starts workers only for the databases listed: one that is no longer
+        // stays stopped.
+        if std::mem::take(&mut look_at_the_list) && !guc::databases().contains(&database) {
+            log!("pg_outbox: database \"{database}\" is no longer in pg_outbox.database, worker exits");
+            worker.write_counters();
+            break;
         }
         // As a backend does between transactions (it sends at most once a second): without it the
         // worker's writes to worker_state and topics never reach pg_stat_user_tables, and

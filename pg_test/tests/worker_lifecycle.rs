@@ -454,6 +454,45 @@ fn a_forwarded_database_can_be_renamed_and_copied_as_a_template() {
     assert_eq!(payloads(&read_topic(&bootstrap, &topic, 3, WAIT)), vec!["0", "1", "2"]);
 }
 
+/// Settings of the database (ALTER DATABASE ... SET) reach its worker as any new session: a
+/// database made read-only by default, for maintenance, had the worker fail at its first write
+/// and restart again and again, forwarding nothing. (A statement_timeout never applied to it.)
+#[test]
+fn a_database_read_only_or_serializable_by_default_is_still_forwarded_by_the_same_worker() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let mut postgres = c.client_for("postgres");
+    postgres
+        .batch_execute(
+            "ALTER DATABASE shop SET default_transaction_read_only = on;
+             ALTER DATABASE shop SET default_transaction_isolation = 'serializable';
+             ALTER DATABASE shop SET statement_timeout = '1ms'",
+        )
+        .unwrap();
+    // The worker reads the database's settings when it connects.
+    let before = c.worker_pid(WAIT).expect("a worker");
+    postgres.execute("SELECT pg_terminate_backend($1)", &[&before]).unwrap();
+    let worker = replaced(&c, "pg_outbox worker", before, WAIT);
+    let mut shop = c.client();
+    shop.batch_execute("SET default_transaction_read_only = off; SET statement_timeout = 0").unwrap();
+    let (open, paused) = (unique("read-only-db"), unique("read-only-db-paused"));
+    shop.execute("SELECT outbox.pause_topic($1)", &[&paused]).unwrap();
+    for i in 0..5 {
+        for topic in [&open, &paused] {
+            shop.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[topic, &i]).unwrap();
+        }
+    }
+    assert_eq!(payloads(&read_topic(&bootstrap, &open, 5, WAIT)), vec!["0", "1", "2", "3", "4"]);
+    // Held while paused, the messages are moved out of the held table once resumed.
+    shop.execute("SELECT outbox.resume_topic($1)", &[&paused]).unwrap();
+    assert_eq!(payloads(&read_topic(&bootstrap, &paused, 5, WAIT)), vec!["0", "1", "2", "3", "4"]);
+    wait_for("nothing pending", WAIT, || {
+        shop.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).unwrap().get::<_, i64>(0) == 0
+    });
+    assert_eq!(c.worker_pid(Duration::ZERO), Some(worker), "the same worker forwarded them");
+    assert!(!c.log().contains("read-only transaction"), "{}", c.log());
+}
+
 /// What an interrupted DROP DATABASE leaves (Postgres 15.4 on) cannot be connected to: the
 /// launcher says so once instead of starting a worker that fails to connect, again and again.
 #[test]
@@ -462,10 +501,11 @@ fn a_database_left_invalid_by_an_interrupted_drop_gets_no_worker_and_can_still_b
     let c = Cluster::start_with_databases(&bootstrap, "", &["shop", "scratch"]);
     let worker = c.worker_pid_of("scratch", WAIT).expect("a worker for scratch");
     let mut postgres = c.client_for("postgres");
-    // As dropdb marks it before it removes the files (DATCONNLIMIT_INVALID_DB).
-    postgres.batch_execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = 'scratch'").unwrap();
+    // (The launcher may have said so at server start, before scratch was created.)
     let missing = "database \"scratch\" named in pg_outbox.database does not exist or does not allow connections";
     let said = c.log().matches(missing).count();
+    // As dropdb marks it before it removes the files (DATCONNLIMIT_INVALID_DB).
+    postgres.batch_execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = 'scratch'").unwrap();
     postgres.execute("SELECT pg_terminate_backend($1)", &[&worker]).unwrap();
     wait_for("the launcher to say scratch cannot be forwarded", WAIT, || c.log().matches(missing).count() > said);
     std::thread::sleep(Duration::from_secs(3));

@@ -23,7 +23,8 @@ apt_install() {
 }
 
 build() {
-  apt_install postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev zlib1g-dev make
+  # gdb: an integration test holds the worker at a chosen function.
+  apt_install postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config libssl-dev zlib1g-dev make gdb
   command -v cargo > /dev/null || { echo "cargo (Rust) is required" >&2; exit 1; }
   if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.0'; then
     step "installing cargo-pgrx 0.18.0 (about 3 minutes)"

@@ -975,6 +975,12 @@ pub fn rotate(rotation_interval_secs: f64, retention_secs: f64) -> Option<i16> {
                 if empty[slot as usize] || !try_lock_exclusive(&table) {
                     continue;
                 }
+                // Until the lock was granted, an enqueuer may have been writing to the slot; if it
+                // committed after this transaction's snapshot, that snapshot cannot see its rows,
+                // and the slot would be truncated with its messages unsent. The checks read a
+                // snapshot taken now, with the lock held (read committed, as the worker keeps it:
+                // SPI's read-only statements use the active snapshot, the others one of their own).
+                take_a_snapshot_now();
                 let keep = unsettled_rows(client, &table, &done_xmax, &done_xip)?
                     || (retention_secs > 0.0 && retained_rows(client, &table, size[slot as usize], retention_secs)?);
                 if !keep {
@@ -1058,6 +1064,14 @@ fn retained_rows(client: &SpiClient, table: &str, bytes: i64, retention_secs: f6
         }
     }
     Ok(true)
+}
+
+/// Replaces the transaction's active snapshot with one taken now.
+fn take_a_snapshot_now() {
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
 }
 
 fn try_lock_exclusive(table: &str) -> bool {

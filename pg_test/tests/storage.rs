@@ -1,8 +1,12 @@
 //! Storage: delivered messages are removed by rotating and truncating whole slots (no per-row
 //! UPDATE or DELETE), without losing messages enqueued while the slots rotate.
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pg_outbox_tests::{read_topic, unique, BrokerKind, Cluster};
+use pg_outbox_tests::{payloads, read_topic, unique, wait_for, BrokerKind, Cluster};
+
+const WAIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn delivered_messages_are_truncated_away_while_writers_keep_enqueueing() {
@@ -126,6 +130,62 @@ fn a_slot_still_within_the_retention_period_is_not_read_whole_every_second() {
 }
 
 /// Waits for every row of `table` to be truncated away; fails after `timeout`.
+/// An enqueuer that wrote to a slot before it stopped being the current one, and commits while
+/// the worker's rotation check is about to lock that slot: the check must see its message, or the
+/// TRUNCATE takes it unsent (a committed message lost). The worker is held at that point with gdb.
+/// With wal_level = minimal: above it, the lock's WAL record gives the transaction an xid, and by
+/// chance its later statements a new snapshot.
+#[test]
+fn a_message_committed_while_the_rotation_waits_to_lock_its_slot_is_not_truncated_unsent() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "wal_level = minimal\nmax_wal_senders = 0\npg_outbox.rotation_interval = '1h'");
+    let topic = unique("rotation-race");
+    let mut db = c.client();
+    let slot_of =
+        |db: &mut postgres::Client| -> i16 { db.query_one("SELECT outbox._current_slot()", &[]).unwrap().get(0) };
+    // A delivered message in the slot, so the check does not find the slot empty.
+    let slot = slot_of(&mut db);
+    db.execute("SELECT outbox.enqueue_message($1, '\"delivered\"'::jsonb)", &[&topic]).unwrap();
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    wait_for("its delivery to be recorded", WAIT, || {
+        db.query_one("SELECT count(*) FROM outbox.pending_messages", &[]).unwrap().get::<_, i64>(0) == 0
+    });
+    let mut enqueuer = c.client();
+    let mut late = enqueuer.transaction().unwrap();
+    let id: i64 = late.query_one("SELECT outbox.enqueue_message($1, '\"late\"'::jsonb)", &[&topic]).unwrap().get(0);
+    assert_eq!(slot_of(&mut db), slot, "both messages are in one slot");
+    c.reconfigure("pg_outbox.rotation_interval = '1s'");
+    wait_for("the slot to stop being the current one", WAIT, || slot_of(&mut db) != slot);
+
+    // Held at its next try to lock a slot (the enqueuer's, the only other one with rows) until
+    // the enqueuer has committed.
+    let worker = c.worker_pid(WAIT).expect("a worker");
+    let flags = c.dir.join("gdb-flags");
+    std::fs::create_dir_all(&flags).unwrap();
+    let (held, go) = (flags.join("held"), flags.join("go"));
+    let gdb = Command::new("gdb")
+        .args(["-p", &worker.to_string(), "-batch", "-ex", "break ConditionalLockRelationOid", "-ex", "continue"])
+        .args(["-ex", "bt 3", "-ex", &format!("shell touch {}", held.display())])
+        .args(["-ex", &format!("shell while [ ! -e {} ]; do sleep 0.1; done", go.display())])
+        .args(["-ex", "delete", "-ex", "detach"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("gdb (scripts/deps.sh build installs it)");
+    wait_for("gdb to hold the worker", WAIT, || Path::new(&held).exists());
+    late.commit().unwrap();
+    std::fs::write(&go, "").unwrap();
+    let out = gdb.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("try_lock_exclusive"), "held somewhere else:\n{out}");
+
+    assert_eq!(payloads(&read_topic(&bootstrap, &topic, 2, WAIT)), vec!["\"delivered\"", "\"late\""]);
+    wait_for("the late message to be recorded as delivered", WAIT, || {
+        db.query_one("SELECT outbox.message_status($1)", &[&id]).unwrap().get::<_, Option<String>>(0).as_deref()
+            == Some("delivered")
+    });
+}
+
 fn wait_until_empty(db: &mut postgres::Client, table: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {

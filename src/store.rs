@@ -50,15 +50,16 @@ fn drop_cancel_request_held_between_transactions() {
 /// backoff.
 pub fn transaction<R>(repeatable_read: bool, body: impl FnOnce() -> R) -> R {
     drop_cancel_request_held_between_transactions();
-    // Inside, a cancel (or a lock_timeout, which Postgres delivers as one) cancels the statement.
+    // Inside, a cancel cancels the statement (the worker keeps lock_timeout off).
     // Set, not counted: an ERROR resets the count.
     unsafe {
         pg_sys::QueryCancelHoldoffCount = 0;
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
-        if repeatable_read {
-            pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
-        }
+        // Read committed otherwise, whatever the default says: rotate takes a new snapshot after
+        // its lock, which repeatable read would silently keep the old one for.
+        pg_sys::XactIsoLevel =
+            if repeatable_read { pg_sys::XACT_REPEATABLE_READ } else { pg_sys::XACT_READ_COMMITTED } as i32;
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let result = body();

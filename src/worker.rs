@@ -841,6 +841,11 @@ pub extern "C-unwind" fn pg_outbox_worker_main(_arg: pg_sys::Datum) {
     // statement.
     worker_setting(c"default_transaction_read_only", c"off");
     worker_setting(c"default_transaction_isolation", c"read committed");
+    // A lock_timeout meant for the applications' sessions ended the worker whenever it waited
+    // behind one of them (an open transaction that paused a topic, an ALTER EXTENSION UPDATE),
+    // and a batch in flight was sent again by the next one. It waits instead; a cancel still
+    // ends the wait.
+    worker_setting(c"lock_timeout", c"0");
     // Every statement of the worker is built to walk an index, and the statistics of the slot
     // partitions are always stale (insert-only, TRUNCATEd every few seconds), so the planner
     // cannot see how few rows are unsettled or that a backlog is read in id order. When it

@@ -473,8 +473,9 @@ fn a_database_read_only_or_serializable_by_default_is_still_forwarded_by_the_sam
     let before = c.worker_pid(WAIT).expect("a worker");
     postgres.execute("SELECT pg_terminate_backend($1)", &[&before]).unwrap();
     let worker = replaced(&c, "pg_outbox worker", before, WAIT);
-    let mut shop = c.client();
-    shop.batch_execute("SET default_transaction_read_only = off; SET statement_timeout = 0").unwrap();
+    // The session's own settings from the start: under 1 ms, even its first SET could time out.
+    let options = "options='-c statement_timeout=0 -c default_transaction_read_only=off'";
+    let mut shop = postgres::Client::connect(&format!("{} {options}", c.dsn("shop")), postgres::NoTls).unwrap();
     let (open, paused) = (unique("read-only-db"), unique("read-only-db-paused"));
     shop.execute("SELECT outbox.pause_topic($1)", &[&paused]).unwrap();
     for i in 0..5 {
@@ -491,6 +492,46 @@ fn a_database_read_only_or_serializable_by_default_is_still_forwarded_by_the_sam
     });
     assert_eq!(c.worker_pid(Duration::ZERO), Some(worker), "the same worker forwarded them");
     assert!(!c.log().contains("read-only transaction"), "{}", c.log());
+}
+
+/// A lock_timeout of the database, meant for the applications' sessions, ended the worker each
+/// time it waited behind one of their transactions (here one that pauses the topic, still open
+/// while the worker counts what it delivered): "canceling statement due to lock timeout", a
+/// restart with backoff, and a batch in flight then sent again.
+#[test]
+fn a_worker_waiting_behind_an_open_transaction_outlasts_the_databases_lock_timeout() {
+    let bootstrap = BrokerKind::Kafka.shared_bootstrap();
+    let c = Cluster::start(&bootstrap, "");
+    let mut postgres = c.client_for("postgres");
+    postgres.batch_execute("ALTER DATABASE shop SET lock_timeout = '200ms'").unwrap();
+    let before = c.worker_pid(WAIT).expect("a worker");
+    postgres.execute("SELECT pg_terminate_backend($1)", &[&before]).unwrap();
+    let worker = replaced(&c, "pg_outbox worker", before, WAIT);
+    let topic = unique("behind-an-open-transaction");
+    let mut shop = c.client();
+    let enqueue = |db: &mut postgres::Client, i: i32| {
+        db.execute("SELECT outbox.enqueue_message($1, to_jsonb($2::int), key => 'k')", &[&topic, &i]).unwrap();
+    };
+    enqueue(&mut shop, 0);
+    assert_eq!(read_topic(&bootstrap, &topic, 1, WAIT).len(), 1);
+    // The topic's row in outbox.topics, where the worker counts deliveries, now exists.
+    wait_for("the delivery to be counted", WAIT, || {
+        let sql = "SELECT delivered_total FROM outbox.topic_stats WHERE topic = $1";
+        shop.query_opt(sql, &[&topic]).unwrap().is_some_and(|r| r.get::<_, i64>(0) == 1)
+    });
+    let mut pauser = c.client();
+    let mut pausing = pauser.transaction().unwrap();
+    pausing.execute("SELECT outbox.pause_topic($1)", &[&topic]).unwrap();
+    for i in 1..=5 {
+        enqueue(&mut shop, i);
+    }
+    // Sent (the pause is not committed), and recorded only once the pausing transaction ends.
+    std::thread::sleep(Duration::from_secs(3));
+    pausing.rollback().unwrap();
+    let got = read_topic_settled(&bootstrap, &topic, 6, WAIT, Duration::from_secs(2));
+    assert_eq!(payloads(&got), vec!["0", "1", "2", "3", "4", "5"], "each once");
+    assert_eq!(c.worker_pid(Duration::ZERO), Some(worker), "the same worker forwarded them");
+    assert!(!c.log().contains("lock timeout"), "{}", c.log());
 }
 
 /// What an interrupted DROP DATABASE leaves (Postgres 15.4 on) cannot be connected to: the

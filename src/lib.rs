@@ -22,8 +22,9 @@ mod worker;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     // Loaded by a session instead (CREATE EXTENSION, or a call, on a server started without it):
-    // Postgres would end the session (FATAL) at the first setting defined here, and without its
-    // shared memory and launcher nothing could be forwarded anyway.
+    // shared memory and the launcher can only be set up at server start, and without them nothing
+    // would ever forward the messages written. (It used to end the session instead, with a FATAL
+    // about a setting that then needed a restart.)
     if unsafe { !pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         pgrx::pg_sys::panic::ErrorReport::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

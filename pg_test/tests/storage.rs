@@ -194,8 +194,15 @@ impl GdbHold {
             .stderr(Stdio::piped())
             .spawn()
             .expect("gdb (scripts/deps.sh build installs it)");
-        let hold = GdbHold { gdb: Some(gdb), go };
-        wait_for(&format!("gdb to hold PID {pid} at {function}"), WAIT, || held.exists());
+        let mut hold = GdbHold { gdb: Some(gdb), go };
+        wait_for(&format!("gdb to hold PID {pid} at {function}"), WAIT, || {
+            // gdb that could not attach (no ptrace permission, say) has exited: say why.
+            if let Some(gdb) = hold.gdb.take_if(|gdb| !matches!(gdb.try_wait(), Ok(None))) {
+                let out = gdb.wait_with_output().unwrap();
+                panic!("gdb ended before holding PID {pid}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            held.exists()
+        });
         hold
     }
 

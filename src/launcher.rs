@@ -3,8 +3,9 @@
 //! backoff) when it exits. A worker exits when another session needs its database to itself
 //! (DROP DATABASE, ALTER DATABASE ... RENAME, CREATE DATABASE ... TEMPLATE), when its database
 //! is taken off `pg_outbox.database`, on an unexpected error, or on SIGTERM; it is never
-//! restarted by the postmaster itself, so a dropped database does not turn into a restart loop. The launcher itself is: the workers go on meanwhile, and
-//! the next launcher leaves the ones running alone.
+//! restarted by the postmaster itself, so a dropped database does not turn into a restart loop.
+//! The launcher itself is: the workers go on meanwhile, and the next launcher leaves the ones
+//! running alone.
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::time::{Duration, Instant};
